@@ -1,0 +1,29 @@
+"""Names shared across the package: AnnData keys, prepared-dataset layout, technology geometry.
+
+Defined once here so readers, writers and evaluation agree.
+"""
+
+from __future__ import annotations
+
+# --- AnnData keys ---------------------------------------------------------------------------------------
+SPATIAL_KEY = "spatial"  # obsm: (N, 2) spot centres in full-resolution pixels, columns (x=column, y=row)
+SAMPLE_KEY = "sample_id"  # obs: sample (slide/section) id
+PATIENT_KEY = "patient_id"  # obs: patient id
+CMRCNET_UNS = "cmrcnet"  # uns: provenance written by this package
+
+# --- prepared dataset layout (HEST-compatible) ----------------------------------------------------------
+PATCHES_DIR = "patches"  # patches/<id>.h5 : img (N,S,S,3) uint8, barcode (N,1) bytes, coords (N,2) int
+ST_DIR = "st"  # st/<id>.h5ad : raw counts, obsm["spatial"]
+METADATA_DIR = "metadata"  # metadata/<id>.json : pixel size, patient, source, field of view
+IMAGE_DIR = "images"  # optional thumbnails for plotting
+
+# --- patch geometry defaults ---------------------------------------------------------------------------
+DEFAULT_FOV_UM = 112.0  # HEST-1k: 224 px at 0.5 um/px
+DEFAULT_PATCH_PX = 224
+PAD_VALUE = 255  # white, the colour of glass in brightfield H&E
+
+# --- technology geometry (centre-to-centre pitch and spot diameter, micrometres) ------------------------
+# Legacy ST: 100 um spots on a 200 um grid (Stahl et al., Science 2016). Visium: 55 um spots, 100 um pitch
+# (10x Genomics technical note CG000239).
+SPOT_PITCH_UM = {"st": 200.0, "visium": 100.0}
+SPOT_DIAMETER_UM = {"st": 100.0, "visium": 55.0}

@@ -1,0 +1,165 @@
+"""CMRCNet and its baselines as one module whose forward pass is split into named stages.
+
+    encode_image(images) -> (tokens, img_emb)      METHOD.md steps 1-2
+    encode_expression(expr) -> spot_emb            step 3
+    reconstruct(tokens, expr) -> recon             step 5
+    loss(images, expr) -> dict of losses           steps 4-6 (or the regression baseline's MSE)
+
+Methods (`ModelConfig.method`): "cmrcnet" = contrastive + reconstruction; "bleep" = contrastive only;
+"regression" = image embedding -> MLP -> G genes with an MSE loss. The image encoder and image projection head
+are the same in all three, so embeddings and encoders are comparable across methods.
+
+Losses (all in float32, also under autocast). With `log1p_losses` (default, the reference's form) the total is
+mean(log1p(per-sample contrastive)) + log1p(reconstruction MSE); the "bleep" method uses the same log1p form so
+that its contrastive term is directly comparable with "cmrcnet"'s; `log1p_losses=False` gives plain means
+(BLEEP's original loss). The regression MSE is never log-transformed.
+
+A distributed trainer computes the stages itself and calls `contrastive_loss` with gathered embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from cmrcnet.errors import ConfigError
+from cmrcnet.models.config import ModelConfig
+from cmrcnet.models.layers import ProjectionHead
+from cmrcnet.models.losses import contrastive_loss, mse_loss_fp32
+from cmrcnet.models.reconstruction import CrossModalReconstructor
+from cmrcnet.models.vit import VisionTransformer
+
+logger = logging.getLogger(__name__)
+
+
+class CMRCNet(nn.Module):
+    """Image encoder + projection heads (+ reconstruction branch or regression head), per `config.method`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.image_encoder = VisionTransformer(
+            img_size=config.img_size,
+            patch_size=config.patch_size,
+            width=config.width,
+            depth=config.depth,
+            heads=config.heads,
+            mlp_ratio=config.mlp_ratio,
+            dropout=config.dropout,
+        )
+        self.image_projection = ProjectionHead(
+            in_dim=config.width, out_dim=config.proj_dim, dropout=config.proj_dropout
+        )
+        self.spot_projection: ProjectionHead | None = None
+        self.reconstructor: CrossModalReconstructor | None = None
+        self.regressor: nn.Sequential | None = None
+        if config.method in ("cmrcnet", "bleep"):
+            self.spot_projection = ProjectionHead(
+                in_dim=config.n_genes, out_dim=config.proj_dim, dropout=config.proj_dropout
+            )
+        if config.method == "cmrcnet":
+            self.reconstructor = CrossModalReconstructor(
+                n_genes=config.n_genes,
+                width=config.width,
+                dim=config.proj_dim,
+                n_expr_tokens=config.n_expr_tokens,
+                expr_dropout=config.expr_dropout,
+                mask_mode=config.mask_mode,
+                mask_keep_prob=config.mask_keep_prob,
+                mask_in_eval=config.mask_in_eval,
+                cross_heads=config.cross_heads,
+                fusion_heads=config.fusion_heads,
+                n_fusion_blocks=config.n_fusion_blocks,
+                share_fusion_weights=config.share_fusion_weights,
+                mlp_ratio=4.0,
+                fusion_dropout=config.fusion_dropout,
+                fusion_qk_dropout=config.fusion_qk_dropout,
+            )
+        if config.method == "regression":
+            self.regressor = nn.Sequential(
+                nn.Linear(config.proj_dim, config.regression_hidden),
+                nn.GELU(),
+                nn.Dropout(config.proj_dropout),
+                nn.Linear(config.regression_hidden, config.n_genes),
+            )
+
+    # ------------------------------------------------------------------ stages
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised float images (B, 3, H, W) -> (ViT tokens (B, 1 + n_patches, width), img_emb (B, proj_dim))."""
+        tokens = self.image_encoder(images)  # (B, T, width)
+        img_emb = self.image_projection(tokens.mean(dim=1))  # (B, proj_dim)
+        return tokens, img_emb
+
+    def encode_expression(self, expr: torch.Tensor) -> torch.Tensor:
+        """Expression (B, G) -> spot embedding (B, proj_dim). Not available for method "regression"."""
+        if self.spot_projection is None:
+            raise ConfigError(f"method {self.config.method!r} has no expression encoder")
+        return self.spot_projection(self._check_expr(expr))
+
+    def reconstruct(self, tokens: torch.Tensor, expr: torch.Tensor) -> torch.Tensor:
+        """ViT tokens (B, T, width) + expression (B, G) -> reconstructed image embedding (B, proj_dim)."""
+        if self.reconstructor is None:
+            raise ConfigError(f"method {self.config.method!r} has no reconstruction branch")
+        return self.reconstructor(tokens, self._check_expr(expr))
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embedding (B, proj_dim) for retrieval (not L2-normalised)."""
+        return self.encode_image(images)[1]
+
+    def predict_expression(self, images: torch.Tensor) -> torch.Tensor:
+        """Directly predicted expression (B, G); only for method "regression" (the others predict by retrieval)."""
+        if self.regressor is None:
+            raise ConfigError(
+                f"method {self.config.method!r} predicts by retrieval, not directly; predict_expression needs "
+                "method 'regression'"
+            )
+        return self.regressor(self.embed_images(images))
+
+    # ------------------------------------------------------------------ losses
+    def loss(self, images: torch.Tensor, expr: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training loss for a batch of images (B, 3, H, W) and their spots' expression (B, G).
+
+        Returns float32 scalars: "loss" (the total to minimise) and its terms: "contrastive" and, for
+        "cmrcnet", "reconstruction" (as they enter the total, i.e. after log1p when `log1p_losses`); for
+        "regression" only "loss" and "regression" (the MSE).
+        """
+        cfg = self.config
+        expr = self._check_expr(expr)
+        tokens, img_emb = self.encode_image(images)
+        if cfg.method == "regression":
+            mse = mse_loss_fp32(self.regressor(img_emb), expr)
+            return {"loss": mse, "regression": mse}
+        spot_emb = self.encode_expression(expr)
+        per_sample = contrastive_loss(img_emb, spot_emb, temperature=cfg.temperature)  # (B,)
+        contrastive = torch.log1p(per_sample).mean() if cfg.log1p_losses else per_sample.mean()
+        losses = {"loss": contrastive, "contrastive": contrastive}
+        if cfg.method == "cmrcnet":
+            recon = self.reconstruct(tokens, expr)  # (B, proj_dim)
+            target = img_emb.detach() if cfg.detach_recon_target else img_emb
+            mse = mse_loss_fp32(recon, target)
+            reconstruction = torch.log1p(mse) if cfg.log1p_losses else mse
+            losses["reconstruction"] = reconstruction
+            losses["loss"] = contrastive + reconstruction
+        return losses
+
+    def forward(self, images: torch.Tensor, expr: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Same as `loss`."""
+        return self.loss(images, expr)
+
+    def _check_expr(self, expr: torch.Tensor) -> torch.Tensor:
+        if expr.ndim != 2 or expr.shape[1] != self.config.n_genes:
+            raise ConfigError(
+                f"expression must be (B, {self.config.n_genes}) (the model's n_genes), got {tuple(expr.shape)}"
+            )
+        return expr
+
+
+def build_model(config: ModelConfig) -> CMRCNet:
+    """The model for `config` (any method), freshly initialised."""
+    model = CMRCNet(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.debug("built %s model (encoder %s): %d parameters", config.method, config.encoder, n_params)
+    return model
