@@ -145,8 +145,72 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- train ------------------------------------------------------------------------------------------------
+def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "train",
+        parents=[common],
+        help="train a model on samples of a prepared dataset",
+        description="Train CMRCNet (or the bleep / regression baselines) on training samples of a prepared "
+        "dataset. Genes are chosen on the training samples only; validation spots are a seeded fraction of "
+        "the training samples. Runs under torchrun for multi-GPU / multi-node training.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
+    p.add_argument(
+        "--train-samples", type=_id_list, required=True, help="comma-separated training sample ids"
+    )
+    p.add_argument("--out", type=Path, required=True, help="run folder (config, genes, checkpoints, metrics)")
+    p.add_argument("--config", default="cpu", help="preset (paper, cpu, tiny) or YAML file (default cpu)")
+    p.add_argument("--method", choices=["cmrcnet", "bleep", "regression"], help="training objective")
+    p.add_argument("--epochs", type=_positive_int, help="number of epochs")
+    p.add_argument("--batch-size", type=_positive_int, help="spots per optimiser step")
+    p.add_argument("--lr", type=_positive_float, help="peak learning rate")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="mixed precision (default bf16)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--genes", choices=["strict", "paper"], help="gene selection protocol (default strict)")
+    p.add_argument("--n-genes", type=_positive_int, help="number of highly variable genes (strict mode)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from cmrcnet.training.config import load_run_config
+    from cmrcnet.training.trainer import train_run
+
+    cfg = load_run_config(args.config)
+    overrides = {
+        ("train", "epochs"): args.epochs,
+        ("train", "batch_size"): args.batch_size,
+        ("train", "lr"): args.lr,
+        ("train", "seed"): args.seed,
+        ("train", "precision"): args.precision,
+        ("genes", "mode"): args.genes,
+        ("genes", "n_top"): args.n_genes,
+    }
+    for (section, key), value in overrides.items():
+        if value is not None:
+            setattr(getattr(cfg, section), key, value)
+    if args.method:
+        cfg.method = args.method
+    cfg.validate()
+    result = train_run(
+        data_dir=args.data,
+        train_samples=args.train_samples,
+        out_dir=args.out,
+        config=cfg,
+        device=args.device,
+        resume=args.resume,
+        progress=not args.quiet,
+        command=" ".join(["cmrcnet", *sys.argv[1:]]),
+    )
+    print(f"run folder: {result.run_dir}")
+    print(f"best validation loss {result.best_val_loss:.4f} at epoch {result.best_epoch + 1}")
+    return 0
+
+
 # --- main ---------------------------------------------------------------------------------------------------
-SUBCOMMANDS = (_add_prepare, _add_demo)
+SUBCOMMANDS = (_add_prepare, _add_train, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -104,6 +105,16 @@ def test_ties_keep_lower_bank_index(chunk_size: int) -> None:
     for s_row, i_row in zip(sims, idx, strict=True):
         for j in range(len(s_row) - 1):
             assert s_row[j] > s_row[j + 1] or (s_row[j] == s_row[j + 1] and i_row[j] < i_row[j + 1])
+
+
+def test_read_only_inputs_are_fine(data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    queries, bank, expr = (x.copy() for x in data)
+    expected = retrieve_expression(queries, bank, expr, k=4)
+    for x in (queries, bank, expr):
+        x.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(retrieve_expression(queries, bank, expr, k=4), expected)
 
 
 def test_torch_inputs_give_tensors(data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
@@ -217,8 +228,13 @@ def test_aggregate_torch_chunked_equals_numpy(data: tuple[np.ndarray, np.ndarray
     queries, bank, expr = data
     sims, idx = topk_cosine(queries, bank, 6)
     expected = aggregate(idx, sims, expr, weighting="similarity")
-    got = aggregate(torch.from_numpy(idx), torch.from_numpy(sims), torch.from_numpy(expr), chunk_size=4,
-                    weighting="similarity")  # fmt: skip
+    got = aggregate(
+        torch.from_numpy(idx),
+        torch.from_numpy(sims),
+        torch.from_numpy(expr),
+        weighting="similarity",
+        chunk_size=4,
+    )
     assert isinstance(got, torch.Tensor) and got.shape == (N_QUERIES, N_GENES)
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-6)
 

@@ -20,7 +20,6 @@ legacy ST / her2st file layout so the real ST reader can be exercised end to end
 from __future__ import annotations
 
 import gzip
-import io
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,7 +91,9 @@ class SyntheticConfig:
         if self.n_slides < 1:
             raise ConfigError(f"n_slides must be >= 1, got {self.n_slides}")
         if not 1 <= self.n_patients <= self.n_slides:
-            raise ConfigError(f"n_patients must be between 1 and n_slides ({self.n_slides}), got {self.n_patients}")
+            raise ConfigError(
+                f"n_patients must be between 1 and n_slides ({self.n_slides}), got {self.n_patients}"
+            )
         if self.n_rows < 1 or self.n_cols < 1:
             raise ConfigError(f"spot grid must be at least 1 x 1, got {self.n_rows} x {self.n_cols}")
         for name in ("spot_pitch_um", "spot_diameter_um", "pixel_size_um", "mean_library_size", "dispersion"):
@@ -101,9 +102,13 @@ class SyntheticConfig:
         if self.program_scale_um < 2 * _CELL_UM:
             raise ConfigError(f"program_scale_um must be >= {2 * _CELL_UM}, got {self.program_scale_um}")
         if self.margin_um < DEFAULT_FOV_UM / 2:
-            raise ConfigError(f"margin_um must be >= {DEFAULT_FOV_UM / 2} (half a field of view), got {self.margin_um}")
+            raise ConfigError(
+                f"margin_um must be >= {DEFAULT_FOV_UM / 2} (half a field of view), got {self.margin_um}"
+            )
         if self.n_genes < len(_MARKERS) + 1:
-            raise ConfigError(f"n_genes must be >= {len(_MARKERS) + 1} (the marker genes plus one), got {self.n_genes}")
+            raise ConfigError(
+                f"n_genes must be >= {len(_MARKERS) + 1} (the marker genes plus one), got {self.n_genes}"
+            )
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
 
@@ -117,6 +122,11 @@ def gene_names(config: SyntheticConfig) -> list[str]:
     """The genes of a dataset: the named markers first, then SYN0001, SYN0002, ..."""
     n_generic = config.n_genes - len(_MARKERS)
     return [*_MARKERS, *(f"SYN{i:04d}" for i in range(1, n_generic + 1))]
+
+
+def sample_patients(config: SyntheticConfig) -> dict[str, str]:
+    """Sample id -> patient id of every slide (round-robin assignment)."""
+    return {f"synS{i + 1}": f"synP{i % config.n_patients + 1}" for i in range(config.n_slides)}
 
 
 def image_size_px(config: SyntheticConfig) -> tuple[int, int]:
@@ -173,7 +183,11 @@ def make_synthetic_samples(config: SyntheticConfig | None = None) -> list[Sample
                 pixel_size_source="metadata",
                 patient_id=patient_id,
                 technology="synthetic",
-                source={"generator": "cmrcnet.data.synthetic", "seed": str(config.seed), "note": "SYNTHETIC data, not biological"},
+                source={
+                    "generator": "cmrcnet.data.synthetic",
+                    "seed": str(config.seed),
+                    "note": "SYNTHETIC data, not biological",
+                },
             )
         )
         logger.debug("synthetic slide %s: %d spots, image %s", sample_id, adata.n_obs, image.shape)
@@ -194,12 +208,14 @@ def write_synthetic_raw(out_dir: str | Path, config: SyntheticConfig | None = No
     for sample in make_synthetic_samples(config):
         sid, adata = sample.sample_id, sample.counts
         table = pd.DataFrame(
-            np.asarray(adata.X.todense(), dtype=np.int64), index=adata.obs_names.tolist(), columns=adata.var_names.tolist()
+            np.asarray(adata.X.todense(), dtype=np.int64),
+            index=adata.obs_names.tolist(),
+            columns=adata.var_names.tolist(),
         )
         text = table.to_csv(sep="\t", index=True, lineterminator="\n")
         counts_path = out_dir / "counts" / f"{sid}.tsv.gz"
-        with atomic_path(counts_path) as tmp, gzip.GzipFile(tmp, mode="wb", mtime=0) as fh:  # mtime=0: same bytes
-            fh.write(text.encode("utf-8"))
+        with atomic_path(counts_path) as tmp:  # no name, mtime=0: the same seed gives the same bytes
+            tmp.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
         # selection: ST's integer array position, its sub-spot refinement (new_x/new_y) and the image pixel
         ax = adata.obs["array_x"].to_numpy()
         ay = adata.obs["array_y"].to_numpy()
@@ -231,7 +247,8 @@ def write_synthetic_raw(out_dir: str | Path, config: SyntheticConfig | None = No
         f"pixel_size_um: {config.pixel_size_um}",
         f"spot_pitch_um: {config.spot_pitch_um}  (real ST uses 200 um: pass the pixel size explicitly)",
         f"spot_diameter_um: {config.spot_diameter_um}",
-        "patients: " + ", ".join(f"synS{i + 1}=synP{i % config.n_patients + 1}" for i in range(config.n_slides)),
+        "patients: "
+        + ", ".join(f"synS{i + 1}=synP{i % config.n_patients + 1}" for i in range(config.n_slides)),
         "marker genes: " + ", ".join(f"{g}={p}" for g, p in _MARKERS.items()),
         "config: " + ", ".join(f"{k}={v}" for k, v in asdict(config).items()),
     ]
@@ -256,7 +273,9 @@ class _Fields:
 
 def _coarse_shape(config: SyntheticConfig) -> tuple[int, int]:
     w, h = image_size_px(config)
-    return int(np.ceil(h * config.pixel_size_um / _CELL_UM)), int(np.ceil(w * config.pixel_size_um / _CELL_UM))
+    return int(np.ceil(h * config.pixel_size_um / _CELL_UM)), int(
+        np.ceil(w * config.pixel_size_um / _CELL_UM)
+    )
 
 
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], scale_um: float) -> np.ndarray:
@@ -301,7 +320,7 @@ def _sample_coarse(field: np.ndarray, xy_px: np.ndarray, config: SyntheticConfig
 
 def _upsample(field: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a coarse 2-D field to (width, height) = `size`, as float32."""
-    return np.asarray(Image.fromarray(field.astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
+    return np.array(Image.fromarray(field.astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
 
 
 # --- image ---------------------------------------------------------------------------------------------------
@@ -341,7 +360,11 @@ def _nucleus_kernels(
 
 
 def _place_nuclei(
-    rng: np.random.Generator, weight: np.ndarray, density_um2: float, size: tuple[int, int], config: SyntheticConfig
+    rng: np.random.Generator,
+    weight: np.ndarray,
+    density_um2: float,
+    size: tuple[int, int],
+    config: SyntheticConfig,
 ) -> np.ndarray:
     """Inhomogeneous Poisson points (N, 2) = (x, y) in pixels with intensity density * weight (by thinning)."""
     w, h = size
@@ -382,17 +405,26 @@ def _render_slide(
     w, h = size
     px_um = config.pixel_size_um
     tumour, immune, stroma = (_upsample(p, size) for p in fields.programs)
-    tissue_level = _upsample(fields.tissue, size)
     grain = ndimage.gaussian_filter(rng.standard_normal((h, w), dtype=np.float32), sigma=1.0 / px_um)
     grain /= max(float(grain.std()), 1e-6)  # (H, W) unit-variance pixel-scale texture
-    tissue = np.clip(tissue_level * 40.0 + 0.5 + 0.15 * grain, 0.0, 1.0)  # (H, W) soft tissue alpha
+    tissue = _upsample(fields.tissue, size)  # (H, W) signed level, 0 on the border
+    tissue *= 40.0
+    tissue += 0.5 + 0.15 * grain
+    np.clip(tissue, 0.0, 1.0, out=tissue)  # (H, W) soft tissue alpha with a ragged edge
 
     # eosin: collagen fibres in stroma (wavy parallel bands), moderate cytoplasm elsewhere
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) * np.float32(px_um)  # (H, W) micrometres
-    along = xx * np.cos(fields.fibre_angle) + yy * np.sin(fields.fibre_angle) + _upsample(fields.fibre_warp, size)
-    fibres = (0.5 + 0.5 * np.sin(along * np.float32(2 * np.pi / 9.0))) ** 3  # (H, W) in [0, 1]
+    xs = np.arange(w, dtype=np.float32) * np.float32(px_um * np.cos(fields.fibre_angle))
+    ys = np.arange(h, dtype=np.float32) * np.float32(px_um * np.sin(fields.fibre_angle))
+    fibres = _upsample(fields.fibre_warp, size)  # (H, W) micrometres along the fibre normal
+    fibres += xs[None, :]
+    fibres += ys[:, None]
+    fibres *= np.float32(2 * np.pi / 9.0)  # 9 um between fibres
+    np.sin(fibres, out=fibres)
+    fibres = (0.5 + 0.5 * fibres) ** 3  # (H, W) thin bright bands in [0, 1]
     eosin = 0.30 + 0.15 * tumour + 0.05 * immune + stroma * (0.25 + 0.55 * fibres) + 0.04 * grain
+    np.clip(eosin, 0.0, None, out=eosin)
     hema = 0.10 * tumour + 0.05 * immune + 0.02 * grain  # purplish cytoplasm / background haze
+    del tumour, immune, stroma, fibres
 
     # nuclei: Poisson points per program, stamped from a small bank of precomputed shapes
     nuclei = np.zeros((h, w), dtype=np.float32)
@@ -405,16 +437,35 @@ def _render_slide(
         else:
             angles = rng.uniform(0, np.pi, size=_N_KERNELS)
         kernels = _nucleus_kernels(rng, program, px_um, angles)
-        _stamp(nuclei, xy, rng.integers(0, _N_KERNELS, size=len(xy)), rng.uniform(0.85, 1.15, size=len(xy)), kernels)
-    nuclei = 2.2 * np.tanh(nuclei * (1.0 + 0.12 * grain) / 2.2)  # overlapping nuclei saturate
-    hema = hema + nuclei
+        _stamp(
+            nuclei,
+            xy,
+            rng.integers(0, _N_KERNELS, size=len(xy)),
+            rng.uniform(0.85, 1.15, size=len(xy)),
+            kernels,
+        )
+    nuclei *= 1.0 + 0.12 * grain  # chromatin texture
+    nuclei /= 2.2
+    np.tanh(nuclei, out=nuclei)
+    hema += 2.2 * nuclei  # overlapping nuclei saturate at 2.2
+    del nuclei
 
-    stain_h, stain_e = np.float32(stain_scale[0]), np.float32(stain_scale[1])
-    od = tissue[..., None] * (
-        stain_h * hema[..., None] * _HEMATOXYLIN_OD + stain_e * np.clip(eosin, 0, None)[..., None] * _EOSIN_OD
-    )  # (H, W, 3)
-    od += np.float32(_GLASS_OD) * (1.0 + 0.2 * grain[..., None])
-    return np.clip(255.0 * np.exp(-od), 0, 255).astype(np.uint8)
+    # Beer-Lambert: optical density per channel -> transmitted light
+    hema *= tissue
+    hema *= np.float32(stain_scale[0])
+    eosin *= tissue
+    eosin *= np.float32(stain_scale[1])
+    glass = np.float32(_GLASS_OD) * (1.0 + 0.2 * grain)
+    rgb = np.empty((h, w, 3), dtype=np.uint8)
+    for c in range(3):
+        od = hema * _HEMATOXYLIN_OD[c]
+        od += eosin * _EOSIN_OD[c]
+        od += glass
+        np.negative(od, out=od)
+        np.exp(od, out=od)
+        od *= 255.0
+        rgb[..., c] = od  # in (0, 255]: the cast truncates
+    return rgb
 
 
 # --- spots and expression --------------------------------------------------------------------------------
@@ -436,7 +487,9 @@ def _spot_grid(rng: np.random.Generator, config: SyntheticConfig) -> tuple[np.nd
     return array_xy, pixel_xy
 
 
-def _spot_programs(fields: _Fields, pixel_xy: np.ndarray, config: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
+def _spot_programs(
+    fields: _Fields, pixel_xy: np.ndarray, config: SyntheticConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """Program activities (N, 3) and hidden field (N,) averaged over each spot's disc."""
     radius_px = config.spot_diameter_um / 2 / config.pixel_size_um
     step = _CELL_UM / config.pixel_size_um / 2  # sample the disc at twice the coarse resolution
@@ -445,7 +498,9 @@ def _spot_programs(fields: _Fields, pixel_xy: np.ndarray, config: SyntheticConfi
     inside = ox**2 + oy**2 <= radius_px**2
     offsets = np.stack([ox[inside], oy[inside]], axis=1)  # (K, 2)
     points = (pixel_xy[:, None, :] + offsets[None, :, :]).reshape(-1, 2)  # (N * K, 2)
-    programs = _sample_coarse(fields.programs, points, config).reshape(3, len(pixel_xy), -1).mean(-1).T  # (N, 3)
+    programs = (
+        _sample_coarse(fields.programs, points, config).reshape(3, len(pixel_xy), -1).mean(-1).T
+    )  # (N, 3)
     hidden = _sample_coarse(fields.hidden, points, config).reshape(len(pixel_xy), -1).mean(-1)  # (N,)
     return programs, hidden
 
@@ -469,7 +524,7 @@ def _gene_model(config: SyntheticConfig) -> _GeneModel:
     hidden = np.zeros(n_genes)
     noise_sd = np.full(n_genes, 0.1)
     for g, program in enumerate(_MARKERS.values()):
-        baseline[g] = 1.0  # markers are well expressed
+        baseline[g] = -0.5  # about 5 UMI per 3000 at 0 % of the program, 20 x more at 100 %
         if program in PROGRAMS:
             loadings[g, PROGRAMS.index(program)] = _MARKER_LOADING
         else:
@@ -483,7 +538,9 @@ def _gene_model(config: SyntheticConfig) -> _GeneModel:
             hidden[g] = rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.0)
         else:
             noise_sd[g] = 0.3
-    baseline -= np.log(np.exp(baseline + loadings.mean(axis=1)).sum())  # shares sum to about 1
+    # shares sum to 1 on average over typical spots (program mixtures drawn from a Dirichlet)
+    mixtures = rng.dirichlet(np.full(len(PROGRAMS), 0.5), size=256)  # (256, 3)
+    baseline -= np.log(np.exp(baseline[None, :] + mixtures @ loadings.T).sum(axis=1).mean())
     return _GeneModel(names, baseline, loadings, hidden, noise_sd)
 
 

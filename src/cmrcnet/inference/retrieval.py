@@ -22,6 +22,7 @@ Conventions used throughout this module:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -51,7 +52,11 @@ def _as_tensor(x: ArrayLike, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
+        arr = np.ascontiguousarray(x)
+        with warnings.catch_warnings():
+            # read-only arrays (e.g. np.load(..., mmap_mode="r")) are fine: this module never writes to inputs
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(arr)
     raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
 
 
@@ -84,25 +89,32 @@ def _normalise(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return F.normalize(x, p=2.0, dim=1, eps=_NORM_EPS)  # (R, D)
 
 
-def _lexicographic_topk(vals: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _lexicographic_topk(
+    vals: torch.Tensor, k: int, idx: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row by (value descending, index ascending), returned in that order.
 
-    `vals` (R, M) float, `idx` (R, M) int64 with distinct indices per row. `torch.topk` picks an unspecified
-    member of a tie group, so rows where the k-th value is tied with an unselected entry are redone with a full
-    stable sort; those rows are rare for real embeddings.
+    `vals` (R, M) float; `idx` (R, M) int64 with distinct indices per row, or None to use the column positions
+    as indices. `torch.topk` picks an unspecified member of a tie group, so rows where the k-th and (k+1)-th
+    largest values are equal are redone with a full stable sort; such rows are rare for real embeddings.
+    Returns values (R, m) and indices (R, m), m = min(k, M).
     """
-    m = min(k, vals.shape[1])
-    top_v, top_pos = torch.topk(vals, m, dim=1, largest=True, sorted=True)  # (R, m)
-    top_i = idx.gather(1, top_pos)  # (R, m)
-    kth = top_v[:, -1:]  # (R, 1)
-    ambiguous = (vals >= kth).sum(dim=1) > m  # (R,)
-    if bool(ambiguous.any()):
+    n_cols = vals.shape[1]
+    m = min(k, n_cols)
+    top_v, top_pos = torch.topk(vals, min(m + 1, n_cols), dim=1, largest=True, sorted=True)  # (R, m or m+1)
+    ambiguous = top_v[:, m - 1] == top_v[:, m] if top_v.shape[1] > m else None  # (R,) tie at the cut
+    top_v, top_pos = top_v[:, :m].contiguous(), top_pos[:, :m].contiguous()  # (R, m)
+    if ambiguous is not None and bool(ambiguous.any()):
         rows = ambiguous.nonzero().squeeze(1)  # (A,)
-        sub_v, sub_i = vals[rows], idx[rows]  # (A, M)
-        order = torch.argsort(sub_i, dim=1, stable=True)  # (A, M) index ascending
-        sub_v, sub_i = sub_v.gather(1, order), sub_i.gather(1, order)
-        order = torch.sort(sub_v, dim=1, descending=True, stable=True).indices[:, :m]  # (A, m)
-        top_v[rows], top_i[rows] = sub_v.gather(1, order), sub_i.gather(1, order)
+        sub_v = vals[rows]  # (A, M)
+        if idx is None:
+            pos = torch.sort(sub_v, dim=1, descending=True, stable=True).indices[:, :m]  # (A, m)
+        else:
+            by_index = torch.argsort(idx[rows], dim=1, stable=True)  # (A, M) index ascending
+            order = torch.sort(sub_v.gather(1, by_index), dim=1, descending=True, stable=True).indices
+            pos = by_index.gather(1, order[:, :m])  # (A, m) positions in `vals`
+        top_v[rows], top_pos[rows] = sub_v.gather(1, pos), pos
+    top_i = top_pos if idx is None else idx.gather(1, top_pos)  # (R, m)
     # order the selected entries: index ascending, then (stable) value descending
     order = torch.argsort(top_i, dim=1, stable=True)  # (R, m)
     top_v, top_i = top_v.gather(1, order), top_i.gather(1, order)
@@ -161,9 +173,10 @@ def topk_cosine(
             for b0 in range(0, n_bank, chunk_size):
                 b = _normalise(b_all[b0 : b0 + chunk_size], dev)  # (Bc, D)
                 s = q @ b.T  # (Qc, Bc)
-                i = torch.arange(b0, b0 + b.shape[0], device=dev).expand(q.shape[0], -1)  # (Qc, Bc)
+                # the global top-k members inside this chunk are among the chunk's own top-k
+                chunk_v, chunk_pos = _lexicographic_topk(s, k)  # (Qc, min(k, Bc))
                 run_v, run_i = _lexicographic_topk(
-                    torch.cat([run_v, s], dim=1), torch.cat([run_i, i], dim=1), k
+                    torch.cat([run_v, chunk_v], dim=1), k, torch.cat([run_i, chunk_pos + b0], dim=1)
                 )  # (Qc, min(k, seen))
             sims_out[q0 : q0 + q.shape[0]] = run_v
             idx_out[q0 : q0 + q.shape[0]] = run_i

@@ -118,6 +118,7 @@ def read_st(
         patient_id=patient_id,
         technology="st",
         source=provenance,
+        dropped={"no counts row": n_selection_only, "no selected spot": n_counts_only},
     )
     if image is not None:
         check_coords_inside_image(sample, path=image)

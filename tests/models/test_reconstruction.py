@@ -1,0 +1,66 @@
+"""Masking and the cross-modal reconstruction branch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cmrcnet.models import CrossModalReconstructor, random_mask
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.8])
+def test_element_mask_keeps_the_configured_fraction(keep: float) -> None:
+    torch.manual_seed(0)
+    x = torch.ones(16, 50, 64)
+    masked = random_mask(x, keep_prob=keep, mode="element")
+    assert set(masked.unique().tolist()) <= {0.0, 1.0}  # kept values are not rescaled
+    assert masked.mean().item() == pytest.approx(keep, abs=0.01)
+    # elements, not whole tokens: tokens are partly kept
+    per_token = masked.mean(dim=-1)
+    assert ((per_token > 0) & (per_token < 1)).float().mean() > 0.9
+
+
+def test_token_mask_zeroes_whole_tokens() -> None:
+    torch.manual_seed(0)
+    x = torch.ones(64, 50, 16)
+    masked = random_mask(x, keep_prob=0.5, mode="token")
+    per_token = masked.mean(dim=-1)
+    assert set(per_token.unique().tolist()) == {0.0, 1.0}
+    assert per_token.mean().item() == pytest.approx(0.5, abs=0.03)
+
+
+def test_keep_all_and_bad_mode() -> None:
+    x = torch.randn(2, 3, 4)
+    assert random_mask(x, keep_prob=1.0) is x
+    with pytest.raises(ValueError, match="mode must be"):
+        random_mask(x, keep_prob=0.5, mode="patch")
+
+
+def _reconstructor(**kwargs) -> CrossModalReconstructor:
+    torch.manual_seed(0)
+    return CrossModalReconstructor(n_genes=12, width=32, **kwargs)
+
+
+def test_output_shape() -> None:
+    out = _reconstructor()(torch.randn(4, 17, 32), torch.rand(4, 12))
+    assert out.shape == (4, 256)
+    assert torch.isfinite(out).all()
+
+
+def test_shared_fusion_weights_have_fewer_parameters() -> None:
+    shared = _reconstructor(share_fusion_weights=True)
+    unshared = _reconstructor(share_fusion_weights=False)
+    n_shared = sum(p.numel() for p in shared.parameters())
+    n_unshared = sum(p.numel() for p in unshared.parameters())
+    block = sum(p.numel() for p in unshared.fusion[0].parameters())
+    assert n_unshared == n_shared + block
+    assert shared.fusion[0] is shared.fusion[1]
+    assert unshared.fusion[0] is not unshared.fusion[1]
+
+
+def test_masking_in_eval_mode_follows_the_option() -> None:
+    tokens, expr = torch.randn(2, 17, 32), torch.rand(2, 12)
+    always = _reconstructor(mask_in_eval=True).eval()
+    assert not torch.equal(always(tokens, expr), always(tokens, expr))  # the reference masks in eval too
+    train_only = _reconstructor(mask_in_eval=False).eval()
+    torch.testing.assert_close(train_only(tokens, expr), train_only(tokens, expr))
