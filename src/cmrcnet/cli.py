@@ -209,8 +209,136 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bank -------------------------------------------------------------------------------------------------
+def _add_bank(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "bank",
+        parents=[common],
+        help="build or extend a run's reference bank of measured spots",
+        description="The reference bank holds expression embeddings of measured spots; prediction retrieves "
+        "the most similar ones. `build` replaces it with the given samples, `add` adds samples (replacing "
+        "earlier versions of the same samples). Samples without an image (expression only) are welcome.",
+    )
+    p.add_argument("action", choices=["build", "add"], help="build: start from scratch; add: extend")
+    p.add_argument("--model", type=Path, required=True, help="run folder of a trained model")
+    p.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
+    p.add_argument("--samples", type=_id_list, required=True, help="comma-separated sample ids")
+    p.add_argument("--allow-missing-genes", action="store_true", help="fill genes a sample lacks with zeros")
+    p.set_defaults(handler=_run_bank)
+
+
+def _run_bank(args: argparse.Namespace) -> int:
+    from cmrcnet.data.dataset import PreparedDataset
+    from cmrcnet.inference.bank import build_bank, load_bank, merge_banks, save_bank
+    from cmrcnet.inference.model_io import load_trained_model
+
+    trained = load_trained_model(args.model)
+    new = build_bank(
+        trained,
+        PreparedDataset(args.data),
+        args.samples,
+        allow_missing_genes=args.allow_missing_genes,
+        progress=not args.quiet,
+    )
+    bank = merge_banks(load_bank(args.model, trained), new) if args.action == "add" else new
+    path = save_bank(bank, args.model)
+    print(f"reference bank {path}: {len(bank)} spots from samples {bank.samples}")
+    return 0
+
+
+# --- predict ----------------------------------------------------------------------------------------------
+def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "predict",
+        parents=[common],
+        help="predict expression for prepared samples (AnnData out)",
+        description="Embed every patch of the given samples and predict log1p expression as the average of "
+        "the k most similar spots of the reference bank (or directly, for the regression method). A sample "
+        "never retrieves its own spots.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="run folder of a trained model")
+    p.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
+    p.add_argument("--samples", type=_id_list, required=True, help="comma-separated sample ids")
+    p.add_argument("--out", type=Path, required=True, help="output .h5ad (spots x genes)")
+    p.add_argument("--k", type=_positive_int, help="neighbours to average (default from the run: 50)")
+    p.add_argument("--weighting", choices=["mean", "similarity"], help="plain (paper) or similarity-weighted")
+    p.add_argument("--backend", choices=["exact", "faiss"], default="exact", help="search backend")
+    p.add_argument("--checkpoint", choices=["best.pt", "last.pt"], help="default: the run's `select` setting")
+    p.add_argument("--ema", action="store_true", default=None, help="use the EMA weights")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="patches per forward pass")
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], default="bf16", help="inference precision"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from cmrcnet.inference.predict import predict_samples
+
+    if args.out.suffix != ".h5ad":
+        raise ConfigError(f"--out must end in .h5ad, got {args.out}")
+    adata = predict_samples(
+        args.model,
+        args.data,
+        args.samples,
+        args.out,
+        checkpoint=args.checkpoint,
+        use_ema=args.ema,
+        k=args.k,
+        weighting=args.weighting,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    info = adata.uns["cmrcnet"]
+    print(f"predicted {adata.n_obs} spots x {adata.n_vars} genes ({info['method']}) -> {args.out}")
+    return 0
+
+
+# --- evaluate ---------------------------------------------------------------------------------------------
+def _add_evaluate(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        parents=[common],
+        help="compare predictions with measured expression (metrics + plots)",
+        description="Per test sample and overall: mean PCC over HEG-50, HVG-50, markers and all genes, MSE, "
+        "MAE, spot-wise PCC, gene-gene correlation preservation, genes excluded as constant. strict (default): "
+        "HEG/HVG chosen on the training samples; paper: on the test sample (labelled 'paper protocol').",
+    )
+    p.add_argument("--pred", type=Path, required=True, help="prediction .h5ad from `cmrcnet predict`")
+    p.add_argument("--data", type=Path, required=True, help="prepared dataset folder with measured counts")
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, genes.csv and plots")
+    p.add_argument("--markers", help="comma-separated marker genes or a file with one gene per line")
+    p.add_argument("--protocol", choices=["strict", "paper"], default="strict", help="gene-set protocol")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG maps")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from cmrcnet.evaluation.evaluate import evaluate_predictions
+    from cmrcnet.evaluation.markers import parse_markers
+
+    metrics = evaluate_predictions(
+        args.pred,
+        args.data,
+        args.out,
+        markers=parse_markers(args.markers),
+        protocol=args.protocol,
+        plots=not args.no_plots,
+    )
+    print(
+        (Path(args.out) / "summary.md").read_text(encoding="utf-8")
+        if (Path(args.out) / "summary.md").exists()
+        else metrics
+    )
+    return 0
+
+
 # --- main ---------------------------------------------------------------------------------------------------
-SUBCOMMANDS = (_add_prepare, _add_train, _add_demo)
+SUBCOMMANDS = (_add_prepare, _add_train, _add_bank, _add_predict, _add_evaluate, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

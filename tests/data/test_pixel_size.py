@@ -12,7 +12,9 @@ from cmrcnet.data.pixel_size import estimate_pixel_size, resolve_pixel_size
 from cmrcnet.errors import CmrcnetError, ConfigError, InputFileError
 
 
-def square_grid(n_x: int, n_y: int, pitch_px: float, *, jitter_px: float = 0.0, angle: float = 0.0, seed: int = 0):
+def square_grid(
+    n_x: int, n_y: int, pitch_px: float, *, jitter_px: float = 0.0, angle: float = 0.0, seed: int = 0
+):
     """ST-like grid: array (x, y) and pixel centres, optionally rotated and jittered."""
     yy, xx = np.mgrid[1 : n_y + 1, 1 : n_x + 1]
     arr = np.column_stack([xx.ravel(), yy.ravel()]).astype(float)  # (N, 2)
@@ -104,7 +106,7 @@ def test_resolve_rejects_bad_values(tmp_path):
         resolve_pixel_size(metadata_um=0.0, user_um=None, pitch_um=200.0, **common)
     with pytest.raises(InputFileError, match="pass --pixel-size"):
         resolve_pixel_size(metadata_um=None, user_um=None, pitch_um=None, **common)
-    with pytest.raises(InputFileError, match="at least 2 spots.*pass --pixel-size"):
+    with pytest.raises(InputFileError, match=r"at least 2 spots.*pass --pixel-size"):
         resolve_pixel_size(
             metadata_um=None, user_um=None, pitch_um=200.0, coords_px=px[:1], array_coords=None, path="x"
         )

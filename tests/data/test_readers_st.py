@@ -119,7 +119,9 @@ def test_dispatcher(tmp_path):
 def test_inner_join_warns_and_selected_only(tmp_path, caplog):
     counts, selection = grid_tables()
     selection.loc[0, "selected"] = 0  # 1x1 not under tissue
-    extra = pd.DataFrame({"x": [9], "y": [9], "new_x": [9.0], "new_y": [9.0], "pixel_x": [5.0], "pixel_y": [5.0]})
+    extra = pd.DataFrame(
+        {"x": [9], "y": [9], "new_x": [9.0], "new_y": [9.0], "pixel_x": [5.0], "pixel_y": [5.0]}
+    )
     selection = pd.concat([selection, extra.assign(selected=1)], ignore_index=True)  # no counts row
     write_st_dir(tmp_path, counts=counts, selection=selection)
     with caplog.at_level(logging.WARNING):

@@ -49,7 +49,7 @@ def test_from_dict_fills_missing_fields_with_defaults() -> None:
     ("kwargs", "match"),
     [
         (dict(img_size=30), "img_size 30 is not divisible by patch_size 8"),
-        (dict(width=30), "width 30 is not divisible by heads 2"),
+        (dict(width=33), "width 33 is not divisible by heads 2"),
         (dict(mask_keep_prob=0.0), r"mask_keep_prob must be in \(0, 1\]"),
         (dict(mask_keep_prob=1.5), r"mask_keep_prob must be in \(0, 1\]"),
         (dict(mask_mode="patch"), "unknown mask_mode 'patch'"),
@@ -77,7 +77,7 @@ def test_unknown_method_and_preset() -> None:
 
 
 def test_preset_name_must_match_its_fields() -> None:
-    with pytest.raises(ConfigError, match="encoder='cpu' but img_size=224"):
+    with pytest.raises(ConfigError, match=r"encoder='cpu' but width=768 \(preset 256\)"):
         ModelConfig(n_genes=5, encoder="cpu")
 
 

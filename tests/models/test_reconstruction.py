@@ -54,8 +54,20 @@ def test_shared_fusion_weights_have_fewer_parameters() -> None:
     n_unshared = sum(p.numel() for p in unshared.parameters())
     block = sum(p.numel() for p in unshared.fusion[0].parameters())
     assert n_unshared == n_shared + block
-    assert shared.fusion[0] is shared.fusion[1]
-    assert unshared.fusion[0] is not unshared.fusion[1]
+    assert len(shared.fusion) == 1 and len(unshared.fusion) == 2
+    # stored once: no aliased state_dict entries (an EMA over state_dict would update them twice)
+    pointers = [t.data_ptr() for t in shared.state_dict().values()]
+    assert len(pointers) == len(set(pointers))
+
+
+def test_shared_block_is_applied_n_times() -> None:
+    tokens, expr = torch.randn(2, 17, 32), torch.rand(2, 12)
+    model = _reconstructor(share_fusion_weights=True, mask_in_eval=False).eval()
+    with torch.no_grad():
+        context = model.expr_tokens(expr)
+        x = model.cross(model.image_tokens(tokens), context)
+        expected = model.fusion[0](model.fusion[0](x, context), context).mean(dim=1)
+        torch.testing.assert_close(model(tokens, expr), expected)
 
 
 def test_masking_in_eval_mode_follows_the_option() -> None:

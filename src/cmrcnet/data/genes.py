@@ -36,7 +36,9 @@ GeneMode = Literal["strict", "paper"]
 class GeneSelectionConfig:
     """How the model's gene list is chosen."""
 
-    mode: GeneMode = "strict"  # "strict": HVGs of training samples only; "paper": union of per-sample HVGs (leaks)
+    mode: GeneMode = (
+        "strict"  # "strict": HVGs of training samples only; "paper": union of per-sample HVGs (leaks)
+    )
     n_top: int = 250  # strict: number of highly variable genes
     per_sample_top: int = 1000  # paper: top HVGs taken from each sample before the union
     min_spot_fraction: float = 0.05  # genes detected in fewer training spots than this fraction are ignored
@@ -155,7 +157,9 @@ def _common_genes(adatas: Mapping[str, ad.AnnData]) -> list[str]:
     return [g for g in items[0].var_names if g in common]
 
 
-def _top_hvg(adatas: Mapping[str, ad.AnnData], genes: list[str], n: int, cfg: GeneSelectionConfig) -> list[str]:
+def _top_hvg(
+    adatas: Mapping[str, ad.AnnData], genes: list[str], n: int, cfg: GeneSelectionConfig
+) -> list[str]:
     log_expr = np.concatenate([normalize_log1p(a, genes, target_sum=cfg.target_sum) for a in adatas.values()])
     detected = (log_expr > 0).mean(axis=0) >= cfg.min_spot_fraction  # (G,)
     score = normalized_dispersion(log_expr, n_bins=cfg.n_bins)

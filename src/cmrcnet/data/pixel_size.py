@@ -118,13 +118,17 @@ def resolve_pixel_size(
     """
     if user_um is not None:
         if not _positive_finite(user_um):
-            raise ConfigError(f"--pixel-size must be a positive number of micrometres per pixel, got {user_um}")
+            raise ConfigError(
+                f"--pixel-size must be a positive number of micrometres per pixel, got {user_um}"
+            )
         user_um = float(user_um)
     if metadata_um is not None and _is_nan(metadata_um):
         metadata_um = None  # HEST and pandas-written JSON store "unknown" as NaN
     if metadata_um is not None:
         if not _positive_finite(metadata_um):
-            raise InputFileError(f"pixel size in the metadata is not a positive number: {metadata_um}", path=path)
+            raise InputFileError(
+                f"pixel size in the metadata is not a positive number: {metadata_um}", path=path
+            )
         metadata_um = float(metadata_um)
 
     if user_um is not None:

@@ -35,7 +35,7 @@ ENCODER_FIELDS = ("img_size", "patch_size", "width", "depth", "heads")
 # measurement on a 2-core CPU (benchmarks/results/cpu_preset_selection.md). "tiny": for unit tests only.
 ENCODER_PRESETS: dict[str, dict[str, int]] = {
     "paper": dict(img_size=224, patch_size=32, width=768, depth=8, heads=8),
-    "cpu": dict(img_size=112, patch_size=16, width=256, depth=4, heads=4),
+    "cpu": dict(img_size=224, patch_size=32, width=256, depth=4, heads=4),
     "tiny": dict(img_size=32, patch_size=8, width=32, depth=1, heads=2),
 }
 

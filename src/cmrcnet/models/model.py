@@ -14,12 +14,15 @@ mean(log1p(per-sample contrastive)) + log1p(reconstruction MSE); the "bleep" met
 that its contrastive term is directly comparable with "cmrcnet"'s; `log1p_losses=False` gives plain means
 (BLEEP's original loss). The regression MSE is never log-transformed.
 
-A distributed trainer computes the stages itself and calls `contrastive_loss` with gathered embeddings.
+Distributed training passes `gather`: a function that concatenates a (b, D) tensor from all processes with
+gradients and returns (gathered (N, D), offset of this process's rows). The contrastive loss then uses global
+negatives while each process computes the rows of its own spots.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -119,8 +122,16 @@ class CMRCNet(nn.Module):
         return self.regressor(self.embed_images(images))
 
     # ------------------------------------------------------------------ losses
-    def loss(self, images: torch.Tensor, expr: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(
+        self,
+        images: torch.Tensor,
+        expr: torch.Tensor,
+        *,
+        gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Training loss for a batch of images (B, 3, H, W) and their spots' expression (B, G).
+
+        `gather` (distributed training only) collects embeddings from all processes for global negatives.
 
         Returns float32 scalars: "loss" (the total to minimise) and its terms: "contrastive" and, for
         "cmrcnet", "reconstruction" (as they enter the total, i.e. after log1p when `log1p_losses`); for
@@ -133,7 +144,19 @@ class CMRCNet(nn.Module):
             mse = mse_loss_fp32(self.regressor(img_emb), expr)
             return {"loss": mse, "regression": mse}
         spot_emb = self.encode_expression(expr)
-        per_sample = contrastive_loss(img_emb, spot_emb, temperature=cfg.temperature)  # (B,)
+        if gather is None:
+            per_sample = contrastive_loss(img_emb, spot_emb, temperature=cfg.temperature)  # (B,)
+        else:
+            all_img, offset = gather(img_emb)  # (N, D) over all processes
+            all_spot, _ = gather(spot_emb)  # (N, D)
+            per_sample = contrastive_loss(
+                img_emb,
+                spot_emb,
+                temperature=cfg.temperature,
+                all_img_emb=all_img,
+                all_spot_emb=all_spot,
+                offset=offset,
+            )  # (B,) rows of this process
         contrastive = torch.log1p(per_sample).mean() if cfg.log1p_losses else per_sample.mean()
         losses = {"loss": contrastive, "contrastive": contrastive}
         if cfg.method == "cmrcnet":
@@ -145,9 +168,15 @@ class CMRCNet(nn.Module):
             losses["loss"] = contrastive + reconstruction
         return losses
 
-    def forward(self, images: torch.Tensor, expr: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Same as `loss`."""
-        return self.loss(images, expr)
+    def forward(
+        self,
+        images: torch.Tensor,
+        expr: torch.Tensor,
+        *,
+        gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Same as `loss` (so DistributedDataParallel wraps the whole training computation)."""
+        return self.loss(images, expr, gather=gather)
 
     def _check_expr(self, expr: torch.Tensor) -> torch.Tensor:
         if expr.ndim != 2 or expr.shape[1] != self.config.n_genes:

@@ -11,8 +11,8 @@ Decisions (following the reference code, github ngfufdrdh/CMRCNet, `model/models
   loss is masked); `mask_in_eval=False` masks in training mode only.
 - The first cross-attention's output replaces the image stream (no residual), as in the reference.
 - The fusion cross-attention is the reference's variant (`FusionCrossAttention`), not a standard one.
-- With `share_fusion_weights` the same block object is applied n times (the reference builds its ModuleList
-  from one object).
+- With `share_fusion_weights` one block is applied n times (the reference builds its ModuleList from one
+  object, so its blocks share weights); it is stored once, so the state_dict has no aliased entries.
 """
 
 from __future__ import annotations
@@ -143,11 +143,11 @@ class CrossModalReconstructor(nn.Module):
                 qk_dropout=fusion_qk_dropout,
             )
 
-        if share_fusion_weights and n_fusion_blocks > 0:
-            shared = new_block()
-            self.fusion = nn.ModuleList([shared] * n_fusion_blocks)
-        else:
-            self.fusion = nn.ModuleList(new_block() for _ in range(n_fusion_blocks))
+        # Shared weights: one block stored once (so state_dict has no duplicate entries) and applied
+        # n_fusion_blocks times; otherwise n_fusion_blocks independent blocks.
+        self.n_fusion_blocks = n_fusion_blocks
+        n_stored = min(1, n_fusion_blocks) if share_fusion_weights else n_fusion_blocks
+        self.fusion = nn.ModuleList(new_block() for _ in range(n_stored))
 
     def mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """Masked copy of projected image tokens (B, T, dim); see the module docstring for when it applies."""
@@ -159,6 +159,6 @@ class CrossModalReconstructor(nn.Module):
         context = self.expr_tokens(expr)  # (B, n_expr_tokens, dim)
         x = self.mask(self.image_tokens(tokens))  # (B, T, dim)
         x = self.cross(x, context)  # (B, T, dim)
-        for block in self.fusion:
-            x = block(x, context)  # (B, T, dim)
+        for i in range(self.n_fusion_blocks):
+            x = self.fusion[i % len(self.fusion)](x, context)  # (B, T, dim)
         return x.mean(dim=1)  # (B, dim)

@@ -68,13 +68,13 @@ class VisionTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Truncated normal (std 0.02) for linear/conv weights, class token and position embedding; zero biases;
+        """Truncated normal (std 0.02, cut at 2 std) for linear/conv weights, class token and position embedding; zero biases;
         LayerNorm weight 1, bias 0."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        _trunc_normal(self.pos_embed)
+        _trunc_normal(self.cls_token)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(module.weight, std=0.02)
+                _trunc_normal(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
@@ -90,3 +90,8 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+
+def _trunc_normal(tensor: torch.Tensor, std: float = 0.02) -> None:
+    # torch's a/b bounds are absolute values, not multiples of std
+    nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)

@@ -17,7 +17,11 @@ def plot_loss_curve(history: Sequence[dict], path: str | Path, *, title: str = "
 
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for key, label in (("train_loss", "train"), ("val_loss", "validation"), ("val_loss_ema", "validation (EMA)")):
+    for key, label in (
+        ("train_loss", "train"),
+        ("val_loss", "validation"),
+        ("val_loss_ema", "validation (EMA)"),
+    ):
         values = [h.get(key) for h in history]
         if any(v is not None for v in values):
             ax.plot(epochs, values, marker="o", ms=3, label=label)

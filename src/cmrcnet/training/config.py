@@ -16,8 +16,7 @@ import yaml
 from cmrcnet.data.genes import GeneSelectionConfig
 from cmrcnet.errors import ConfigError, InputFileError
 from cmrcnet.models.config import ENCODER_PRESETS, ModelConfig
-
-PRECISIONS = ("fp32", "bf16", "fp16")
+from cmrcnet.runtime import PRECISIONS
 
 
 @dataclass

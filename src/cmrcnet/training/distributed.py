@@ -69,11 +69,12 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
     raise ConfigError(f"unknown device {name!r}; use cpu or cuda")
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` (b, D) from all processes along dim 0, keeping gradients to every process's rows."""
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate `x` (b, D) from all processes (equal b) along dim 0, keeping gradients to every process's
+    rows; return it with the offset of this process's rows."""
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x), dim=0)  # (world * b, D)
+    return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]  # (world * b, D)
 
 
 def barrier() -> None:

@@ -68,28 +68,32 @@ def resize_uint8(images: np.ndarray, size: int, *, chunk: int = 256) -> torch.Te
 def load_spot_table(
     dataset: PreparedDataset,
     sample_ids: Sequence[str],
-    genes: Sequence[str],
+    genes: Sequence[str] | None,
     *,
     img_size: int | None,
     target_sum: float,
     allow_missing_genes: bool = False,
     progress: bool = True,
 ) -> SpotTable:
-    """Read patches (resized to `img_size`; None: expression only) and normalised expression of samples."""
+    """Read patches (resized to `img_size`; None: no images) and normalised expression (`genes`; None: none)."""
     images, exprs, sids, barcodes, coords = [], [], [], [], []
     for sid in tqdm(
         list(sample_ids), desc="loading samples", unit="sample", disable=not progress, leave=False
     ):
         counts = dataset.read_counts(sid)
-        expr, missing = expression_matrix(
-            counts,
-            genes,
-            target_sum=target_sum,
-            allow_missing=allow_missing_genes,
-            source=str(dataset.counts_path(sid)),
-        )
-        if missing:
-            logger.warning("%s: %d genes missing, filled with zeros: %s", sid, len(missing), missing[:10])
+        if genes is None:
+            exprs.append(torch.empty((counts.n_obs, 0)))
+        else:
+            expr, missing = expression_matrix(
+                counts,
+                genes,
+                target_sum=target_sum,
+                allow_missing=allow_missing_genes,
+                source=str(dataset.counts_path(sid)),
+            )
+            if missing:
+                logger.warning("%s: %d genes missing, filled with zeros: %s", sid, len(missing), missing[:10])
+            exprs.append(torch.from_numpy(expr))
         if img_size is not None:
             patches = dataset.read_patches(sid)
             if patches.barcodes != list(counts.obs_names):
@@ -98,7 +102,6 @@ def load_spot_table(
                     path=dataset.patches_path(sid),
                 )
             images.append(resize_uint8(patches.img, img_size))
-        exprs.append(torch.from_numpy(expr))
         sids += [sid] * counts.n_obs
         barcodes += list(counts.obs_names)
         coords.append(np.asarray(counts.obsm["spatial"], dtype=np.float64))

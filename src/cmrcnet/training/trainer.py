@@ -36,6 +36,7 @@ from cmrcnet.errors import CheckpointError, ConfigError
 from cmrcnet.models import build_model
 from cmrcnet.models.config import ModelConfig
 from cmrcnet.plotting.curves import plot_loss_curve
+from cmrcnet.runtime import autocast_context
 from cmrcnet.training.checkpoint import load_checkpoint, save_checkpoint
 from cmrcnet.training.config import RunConfig, load_run_config
 from cmrcnet.training.distributed import (
@@ -47,21 +48,21 @@ from cmrcnet.training.distributed import (
     init_distributed,
     resolve_device,
 )
+from cmrcnet.training.run_layout import (
+    BEST_CKPT,
+    CONFIG_FILE,
+    CURVE_FILE,
+    GENES_FILE,
+    LAST_CKPT,
+    METRICS_FILE,
+    MODEL_FILE,
+    NORMALIZATION_FILE,
+    RUN_FILE,
+    SPOTS_FILE,
+)
 from cmrcnet.training.spots import SpotTable, augment, load_spot_table
 
 logger = logging.getLogger(__name__)
-
-# RUN_DIR file names (one place)
-CONFIG_FILE = "config.yaml"
-MODEL_FILE = "model.json"
-GENES_FILE = "genes.json"
-NORMALIZATION_FILE = "normalization.json"
-SPOTS_FILE = "spots.json"
-METRICS_FILE = "metrics.csv"
-CURVE_FILE = "loss_curve.png"
-RUN_FILE = "run.json"
-BEST_CKPT = "best.pt"
-LAST_CKPT = "last.pt"
 
 
 @dataclass
@@ -78,15 +79,6 @@ def lr_at(step: int, *, total: int, warmup: int, lr: float, min_lr: float) -> fl
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("fp16 mixed precision needs CUDA; use --precision bf16 or fp32 on the CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _batches(n: int, batch: int, generator: torch.Generator, *, shuffle: bool) -> list[torch.Tensor]:
@@ -481,6 +473,14 @@ def train_run(
     )
     result = trainer.fit()
     if info.is_main:
+        if mcfg.method != "regression":
+            from cmrcnet.inference.bank import build_bank, save_bank
+            from cmrcnet.inference.model_io import load_trained_model
+
+            trained = load_trained_model(run_dir, device=dev)
+            bank = build_bank(trained, dataset, train_samples, progress=progress)
+            save_bank(bank, run_dir)
+            logger.info("reference bank: %d spots of %s (%s)", len(bank), train_samples, bank.fingerprint)
         meta = json.loads((run_dir / RUN_FILE).read_text())
         meta.update(status="complete", best_epoch=result.best_epoch + 1, best_val_loss=result.best_val)
         write_json(run_dir / RUN_FILE, meta)

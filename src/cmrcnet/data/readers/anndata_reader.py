@@ -116,7 +116,9 @@ def read_anndata(
     )
     if image is not None:
         check_coords_inside_image(sample, path=image)
-    logger.info("%s: %d spots x %d genes, %.4f um/px (%s)", sample_id, sample.n_spots, adata.n_vars, um, source)
+    logger.info(
+        "%s: %d spots x %d genes, %.4f um/px (%s)", sample_id, sample.n_spots, adata.n_vars, um, source
+    )
     return sample
 
 
@@ -153,18 +155,17 @@ def spatial_counts(src: ad.AnnData, *, path: str | Path) -> ad.AnnData:
         candidates.append((f'layers["{COUNTS_LAYER}"]', src.layers[COUNTS_LAYER], src.var_names))
     if src.raw is not None:
         candidates.append(("raw.X", src.raw.X, src.raw.var_names))
-    for where, x, var_names in candidates:
-        if x is not None and _holds_counts(x):
-            if where != "X":
-                logger.info("%s: X is not raw counts; using %s", path, where)
-            break
-    else:
+    chosen = next(((w, x, v) for w, x, v in candidates if x is not None and _holds_counts(x)), None)
+    if chosen is None:
         tried = ", ".join(w for w, _x, _v in candidates)
         raise InputFileError(
             f"no raw counts found (checked {tried}): all hold non-integer (normalised) values. "
             f'Keep the raw integer counts in X, layers["{COUNTS_LAYER}"] or adata.raw',
             path=path,
         )
+    where, x, var_names = chosen
+    if where != "X":
+        logger.info("%s: X is not raw counts; using %s", path, where)
     x = x.tocsr().astype(np.float32) if sp.issparse(x) else sp.csr_matrix(np.asarray(x, dtype=np.float32))
     obs = pd.DataFrame(index=pd.Index(src.obs_names.astype(str), name=None))
     for col in ("in_tissue", "array_row", "array_col", "array_x", "array_y"):

@@ -67,7 +67,8 @@ def read_hest(
         meta = read_hest_metadata(meta_path)
     elif pixel_size_um is None:
         raise InputFileError(
-            "HEST metadata not found (it holds the pixel size); download it or pass --pixel-size", path=meta_path
+            "HEST metadata not found (it holds the pixel size); download it or pass --pixel-size",
+            path=meta_path,
         )
     else:
         logger.warning("%s: no %s; using --pixel-size", sample_id, meta_path)
@@ -158,11 +159,14 @@ def read_hest_patches(root: str | Path, sample_id: str) -> tuple[np.ndarray, lis
     n = len(img)
     if img.ndim != 4 or img.shape[-1] != 3:
         raise InputFileError(f"img must be (N, S, S, 3), got {img.shape}", path=path)
-    barcodes = [b.decode("utf-8") if isinstance(b, bytes) else str(b) for b in np.asarray(raw_barcodes).reshape(-1)]
+    barcodes = [
+        b.decode("utf-8") if isinstance(b, bytes) else str(b) for b in np.asarray(raw_barcodes).reshape(-1)
+    ]
     coords = np.asarray(coords)
     if len(barcodes) != n or coords.shape != (n, 2):
         raise InputFileError(
-            f"inconsistent patch file: img {img.shape}, {len(barcodes)} barcodes, coords {coords.shape}", path=path
+            f"inconsistent patch file: img {img.shape}, {len(barcodes)} barcodes, coords {coords.shape}",
+            path=path,
         )
     return img.astype(np.uint8, copy=False), barcodes, coords.astype(np.int64)
 

@@ -150,16 +150,19 @@ def read_st_dir(
     counts = _first_existing(root / "counts", [f"{sample_id}.tsv.gz", f"{sample_id}.tsv"])
     if counts is None:
         raise InputFileError(
-            f"no counts table for section {sample_id!r} (expected counts/{sample_id}.tsv.gz or .tsv)", path=root
+            f"no counts table for section {sample_id!r} (expected counts/{sample_id}.tsv.gz or .tsv)",
+            path=root,
         )
     spots = _first_existing(root / "spots", [f"{sample_id}_selection.tsv", f"{sample_id}_selection.tsv.gz"])
     if spots is None:
         raise InputFileError(
-            f"no spot selection for section {sample_id!r} (expected spots/{sample_id}_selection.tsv)", path=root
+            f"no spot selection for section {sample_id!r} (expected spots/{sample_id}_selection.tsv)",
+            path=root,
         )
     if image is None:
         image = _first_existing(
-            root / "images", [f"{sample_id}{s}" for s in IMAGE_SUFFIXES + tuple(x.upper() for x in IMAGE_SUFFIXES)]
+            root / "images",
+            [f"{sample_id}{s}" for s in IMAGE_SUFFIXES + tuple(x.upper() for x in IMAGE_SUFFIXES)],
         )
         if image is None:
             logger.info("%s: no image under %s; reading expression only", sample_id, root / "images")
@@ -226,7 +229,9 @@ def _read_selection(path: Path) -> pd.DataFrame:
     except pd.errors.EmptyDataError as exc:
         raise InputFileError("spot selection table is empty", path=path) from exc
     except Exception as exc:
-        raise InputFileError(f"cannot parse spot selection table ({type(exc).__name__}: {exc})", path=path) from exc
+        raise InputFileError(
+            f"cannot parse spot selection table ({type(exc).__name__}: {exc})", path=path
+        ) from exc
     sel.columns = [str(c).strip() for c in sel.columns]
     missing = [c for c in _SELECTION_COLUMNS if c not in sel.columns]
     if missing:

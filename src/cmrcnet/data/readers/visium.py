@@ -1,11 +1,11 @@
 """Reader for a 10x Genomics Visium Space Ranger output folder.
 
-    <path>/filtered_feature_bc_matrix.h5       10x HDF5 feature-barcode matrix
-    <path>/spatial/tissue_positions.csv        Space Ranger >= 2.0 (header row)
-    <path>/spatial/tissue_positions_list.csv   Space Ranger 1.x (no header); same six columns:
-        barcode, in_tissue, array_row, array_col, pxl_row_in_fullres, pxl_col_in_fullres
-    <path>/spatial/scalefactors_json.json      tissue_hires_scalef, tissue_lowres_scalef, spot_diameter_fullres
-    <path>/spatial/tissue_hires_image.png      downscaled H&E (the full-resolution image is not part of the output)
+<path>/filtered_feature_bc_matrix.h5       10x HDF5 feature-barcode matrix
+<path>/spatial/tissue_positions.csv        Space Ranger >= 2.0 (header row)
+<path>/spatial/tissue_positions_list.csv   Space Ranger 1.x (no header); same six columns:
+    barcode, in_tissue, array_row, array_col, pxl_row_in_fullres, pxl_col_in_fullres
+<path>/spatial/scalefactors_json.json      tissue_hires_scalef, tissue_lowres_scalef, spot_diameter_fullres
+<path>/spatial/tissue_hires_image.png      downscaled H&E (the full-resolution image is not part of the output)
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from cmrcnet.errors import CmrcnetError, InputFileError, require_dir, require_fi
 logger = logging.getLogger(__name__)
 
 POSITION_COLUMNS = ("in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
-GENE_EXPRESSION = "Gene Expression"  # features/feature_type of RNA features (antibody capture etc. are dropped)
+GENE_EXPRESSION = (
+    "Gene Expression"  # features/feature_type of RNA features (antibody capture etc. are dropped)
+)
 # Space Ranger's spot_diameter_fullres is "the number of pixels that span the diameter of a theoretical 65 um
 # spot" (10x Space Ranger output documentation), not of the 55 um printed spot; checked on squidpy's test
 # folder against the 100 um spot grid (65 / 89.43 = 0.727 um/px, grid fit 0.725 um/px).
@@ -92,7 +94,9 @@ def read_visium(
         # expected for raw_feature_bc_matrix.h5, which holds every barcode of the slide
         logger.info("%s: dropped %d matrix barcodes not under tissue", sample_id, n_not_in_tissue)
     if n_no_counts:
-        logger.warning("%s: %d in-tissue barcodes have no column in %s", sample_id, n_no_counts, matrix_path.name)
+        logger.warning(
+            "%s: %d in-tissue barcodes have no column in %s", sample_id, n_no_counts, matrix_path.name
+        )
     adata = adata[in_matrix].copy()
     pos = in_tissue.loc[adata.obs_names]
     adata.obs = pd.DataFrame(
@@ -125,7 +129,9 @@ def read_visium(
     )
     if image_path is not None:
         check_coords_inside_image(sample, path=image_path)
-    logger.info("%s: %d spots x %d genes, %.4f um/px (%s)", sample_id, sample.n_spots, adata.n_vars, um, source)
+    logger.info(
+        "%s: %d spots x %d genes, %.4f um/px (%s)", sample_id, sample.n_spots, adata.n_vars, um, source
+    )
     return sample
 
 
@@ -182,7 +188,9 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
     if types is not None:
         keep = np.asarray(types) == GENE_EXPRESSION
         if not keep.all():
-            logger.info("%s: kept %d of %d features of type %r", path, int(keep.sum()), len(keep), GENE_EXPRESSION)
+            logger.info(
+                "%s: kept %d of %d features of type %r", path, int(keep.sum()), len(keep), GENE_EXPRESSION
+            )
             adata = adata[:, keep].copy()
     return adata
 
@@ -204,7 +212,9 @@ def read_tissue_positions(path: str | Path) -> pd.DataFrame:
     except pd.errors.EmptyDataError as exc:
         raise InputFileError("tissue positions file is empty", path=path) from exc
     except Exception as exc:
-        raise InputFileError(f"cannot parse tissue positions ({type(exc).__name__}: {exc})", path=path) from exc
+        raise InputFileError(
+            f"cannot parse tissue positions ({type(exc).__name__}: {exc})", path=path
+        ) from exc
     missing = [c for c in POSITION_COLUMNS if c not in pos.columns]
     if missing:
         raise InputFileError(
@@ -231,7 +241,8 @@ def _positions_file(root: Path) -> Path:
         if p.is_file():
             return p
     raise InputFileError(
-        "no spatial/tissue_positions.csv (Space Ranger >= 2.0) or spatial/tissue_positions_list.csv", path=root
+        "no spatial/tissue_positions.csv (Space Ranger >= 2.0) or spatial/tissue_positions_list.csv",
+        path=root,
     )
 
 
@@ -240,7 +251,9 @@ def _read_scalefactors(path: Path) -> dict[str, float]:
         with open(path, encoding="utf-8") as fh:
             raw = json.load(fh)
     except Exception as exc:
-        raise InputFileError(f"cannot parse scale factors JSON ({type(exc).__name__}: {exc})", path=path) from exc
+        raise InputFileError(
+            f"cannot parse scale factors JSON ({type(exc).__name__}: {exc})", path=path
+        ) from exc
     if not isinstance(raw, dict):
         raise InputFileError("scale factors JSON is not an object", path=path)
     out: dict[str, float] = {}
@@ -264,7 +277,9 @@ def _choose_image(
             continue
         scale = scalefactors.get(key)
         if scale is None or not scale > 0:
-            raise InputFileError(f"{p.name} is present but {key} is missing from scalefactors_json.json", path=p)
+            raise InputFileError(
+                f"{p.name} is present but {key} is missing from scalefactors_json.json", path=p
+            )
         logger.info("%s: no full-resolution image given; using %s (scale %.6g)", sample_id, p.name, scale)
         return SlideImage(p, scale=scale), p
     logger.warning("%s: no image given and none in %s; reading expression only", sample_id, root / "spatial")

@@ -1,0 +1,109 @@
+"""Load a trained run (weights + config + genes) for prediction, without the training loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cmrcnet.data.genes import GeneList
+from cmrcnet.errors import CheckpointError, InputFileError, require_dir
+from cmrcnet.models import build_model
+from cmrcnet.models.config import ModelConfig
+from cmrcnet.models.model import CMRCNet
+from cmrcnet.training.checkpoint import load_checkpoint
+from cmrcnet.training.config import RunConfig
+from cmrcnet.training.run_layout import BEST_CKPT, CONFIG_FILE, GENES_FILE, LAST_CKPT, RUN_FILE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainedModel:
+    """A model ready for inference, with everything needed to interpret its outputs."""
+
+    model: CMRCNet
+    model_config: ModelConfig
+    run_config: RunConfig
+    genes: list[str]
+    gene_mode: str
+    run_dir: Path
+    checkpoint: str  # file name of the checkpoint used
+    weights: str  # "model" or "ema"
+    epoch: int  # 1-based epoch of the checkpoint
+    run_info: dict
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the exact weights, so banks built from other weights are detected."""
+        return f"{self.checkpoint}:{self.weights}:epoch{self.epoch}"
+
+
+def load_trained_model(
+    run_dir: str | Path,
+    *,
+    checkpoint: str | None = None,
+    use_ema: bool | None = None,
+    device: torch.device | str = "cpu",
+) -> TrainedModel:
+    """Load the run's selected checkpoint (config `select`: best/last) in eval mode on `device`."""
+    run_dir = require_dir(run_dir, "run folder")
+    ckpt_path_cfg = run_dir / CONFIG_FILE
+    if not ckpt_path_cfg.is_file():
+        raise InputFileError(
+            "not a cmrcnet run folder (no config.yaml); train one with `cmrcnet train`", path=run_dir
+        )
+    data = load_checkpoint_for_run(run_dir, checkpoint)
+    try:
+        mcfg = ModelConfig.from_dict(dict(data["model_config"]))
+        rcfg = RunConfig.from_dict(dict(data["run_config"]), source=str(run_dir / CONFIG_FILE))
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint lacks {exc}", path=run_dir / (checkpoint or BEST_CKPT)) from exc
+    ema = rcfg.train.use_ema if use_ema is None else use_ema
+    state = data["ema"] if ema else data["model"]
+    model = build_model(mcfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights do not fit the stored model config ({exc})", path=run_dir) from exc
+    model.to(device).eval()
+    genes_path = run_dir / GENES_FILE
+    try:
+        gl = GeneList.from_dict(json.loads(genes_path.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise InputFileError(f"cannot read the run's gene list ({exc})", path=genes_path) from exc
+    if len(gl.genes) != mcfg.n_genes:
+        raise CheckpointError(
+            f"gene list has {len(gl.genes)} genes but the model {mcfg.n_genes}", path=genes_path
+        )
+    info_path = run_dir / RUN_FILE
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    return TrainedModel(
+        model,
+        mcfg,
+        rcfg,
+        gl.genes,
+        gl.mode,
+        run_dir,
+        data["_file"],
+        "ema" if ema else "model",
+        int(data["epoch"]) + 1,
+        info,
+    )
+
+
+def load_checkpoint_for_run(run_dir: Path, checkpoint: str | None) -> dict:
+    """The checkpoint named, else the one the run's config selects (best, falling back to last)."""
+    if checkpoint is None:
+        import yaml
+
+        select = (yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")) or {}).get("train", {})
+        checkpoint = LAST_CKPT if select.get("select") == "last" else BEST_CKPT
+        if not (run_dir / checkpoint).exists() and (run_dir / LAST_CKPT).exists():
+            checkpoint = LAST_CKPT
+    data = load_checkpoint(run_dir / checkpoint)
+    data["_file"] = checkpoint
+    return data

@@ -1,0 +1,174 @@
+"""`cmrcnet predict`: embed patches of prepared samples and predict expression by retrieval (or regression)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from cmrcnet import __version__
+from cmrcnet.atomic import atomic_path
+from cmrcnet.constants import SAMPLE_KEY, SPATIAL_KEY
+from cmrcnet.data.dataset import PreparedDataset
+from cmrcnet.errors import ConfigError
+from cmrcnet.inference.bank import Bank, load_bank
+from cmrcnet.inference.model_io import TrainedModel, load_trained_model
+from cmrcnet.inference.retrieval import retrieve_expression
+from cmrcnet.runtime import autocast_context
+from cmrcnet.training.spots import augment, load_spot_table
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def embed_patches(
+    trained: TrainedModel,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 128,
+    precision: str = "bf16",
+    progress: bool = False,
+    regression: bool = False,
+) -> torch.Tensor:
+    """uint8 patches (N, S, S, 3) at the model's input size -> image embeddings (N, D) (or expression (N, G)
+    for the regression method when `regression`), fp32 on the CPU."""
+    model = trained.model
+    device = next(model.parameters()).device
+    plain = torch.Generator()
+    out = []
+    for i in tqdm(
+        range(0, len(images), batch_size), desc="embedding", unit="batch", disable=not progress, leave=False
+    ):
+        x = augment(images[i : i + batch_size], plain, flips=False, rot90=False)  # (b, 3, S, S) normalised
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, precision):
+            y = model.predict_expression(x) if regression else model.embed_images(x)
+        out.append(y.float().cpu())
+    width = trained.model_config.n_genes if regression else trained.model_config.proj_dim
+    return torch.cat(out) if out else torch.empty((0, width))
+
+
+def predict_from_embeddings(
+    query: torch.Tensor,
+    query_samples: Sequence[str],
+    bank: Bank,
+    *,
+    k: int,
+    weighting: str,
+    backend: str = "exact",
+) -> np.ndarray:
+    """Retrieval predictions (Q, G); a query never retrieves spots of its own sample (that would be a leak)."""
+    preds = np.zeros((len(query), len(bank.genes)), dtype=np.float32)
+    bank_samples = np.array([key.split(":", 1)[0] for key in bank.keys])
+    query_samples = np.asarray(query_samples)
+    for sid in dict.fromkeys(query_samples.tolist()):
+        rows = np.flatnonzero(query_samples == sid)
+        keep = bank_samples != sid
+        if not keep.all():
+            logger.warning(
+                "sample %s is in the reference bank: its own spots are excluded from its retrieval", sid
+            )
+        if not keep.any():
+            raise ConfigError(f"the reference bank holds no spots other than sample {sid}'s own")
+        sel = torch.from_numpy(np.flatnonzero(keep))
+        preds[rows] = np.asarray(
+            retrieve_expression(
+                query[torch.from_numpy(rows)].numpy(),
+                bank.embeddings[sel].numpy(),
+                bank.expression[sel].numpy(),
+                k=k,
+                weighting=weighting,
+                backend=backend,
+            ),
+            dtype=np.float32,
+        )
+    return preds
+
+
+def predict_samples(
+    run_dir: str | Path,
+    data_dir: str | Path,
+    samples: Sequence[str],
+    out_path: str | Path,
+    *,
+    checkpoint: str | None = None,
+    use_ema: bool | None = None,
+    k: int | None = None,
+    weighting: str | None = None,
+    backend: str = "exact",
+    batch_size: int = 128,
+    precision: str = "bf16",
+    device: str = "cpu",
+    progress: bool = True,
+) -> ad.AnnData:
+    """Predict log1p expression for every spot of `samples` and write PRED.h5ad atomically."""
+    trained = load_trained_model(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device)
+    dataset = PreparedDataset(data_dir)
+    samples = list(dict.fromkeys(samples))
+    dataset.require(samples)
+    no_image = [s for s in samples if not dataset.has_image(s)]
+    if no_image:
+        raise ConfigError(f"samples {no_image} have no image to predict from")
+    in_training = [s for s in samples if s in trained.run_info.get("train_samples", [])]
+    if in_training:
+        logger.warning("samples %s were used for training: their predictions are not a test", in_training)
+    rcfg = trained.run_config
+    k = rcfg.retrieval.k if k is None else k
+    weighting = rcfg.retrieval.weighting if weighting is None else weighting
+    table = load_spot_table(
+        dataset,
+        samples,
+        None,
+        img_size=trained.model_config.img_size,
+        target_sum=rcfg.genes.target_sum,
+        progress=progress,
+    )
+    regression = trained.model_config.method == "regression"
+    emb = embed_patches(
+        trained,
+        table.images,
+        batch_size=batch_size,
+        precision=precision,
+        progress=progress,
+        regression=regression,
+    )
+    bank = None
+    if regression:
+        pred = emb.numpy().astype(np.float32)
+    else:
+        bank = load_bank(run_dir, trained)
+        pred = predict_from_embeddings(emb, table.sample_ids, bank, k=k, weighting=weighting, backend=backend)
+    adata = ad.AnnData(pred)
+    adata.var_names = list(trained.genes)
+    adata.obs_names = table.keys()
+    adata.obs[SAMPLE_KEY] = pd.Categorical(table.sample_ids)
+    adata.obs["barcode"] = table.barcodes
+    adata.obsm[SPATIAL_KEY] = table.coords
+    adata.uns["cmrcnet"] = {
+        "kind": "prediction",
+        "values": "log1p(library-size normalised expression)",
+        "method": trained.model_config.method,
+        "run_dir": str(Path(run_dir).resolve()),
+        "checkpoint": trained.checkpoint,
+        "weights": trained.weights,
+        "epoch": trained.epoch,
+        "train_samples": list(trained.run_info.get("train_samples", [])),
+        "bank_samples": [] if bank is None else list(bank.samples),
+        "gene_mode": trained.gene_mode,
+        "target_sum": float(rcfg.genes.target_sum),
+        "k": int(k) if bank is not None else 0,
+        "weighting": weighting if bank is not None else "none",
+        "backend": backend if bank is not None else "none",
+        "synthetic": bool(trained.run_info.get("synthetic", False)),
+        "data_dir": str(dataset.root.resolve()),
+        "cmrcnet_version": __version__,
+    }
+    with atomic_path(out_path) as tmp:
+        adata.write_h5ad(tmp)
+    return adata
