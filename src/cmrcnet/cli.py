@@ -170,6 +170,9 @@ def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--genes", choices=["strict", "paper"], help="gene selection protocol (default strict)")
     p.add_argument("--n-genes", type=_positive_int, help="number of highly variable genes (strict mode)")
+    p.add_argument(
+        "--include-genes", help="genes always added to the model's genes (comma-separated or a file), e.g. markers"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.set_defaults(handler=_run_train)
 
@@ -193,6 +196,10 @@ def _run_train(args: argparse.Namespace) -> int:
             setattr(getattr(cfg, section), key, value)
     if args.method:
         cfg.method = args.method
+    if args.include_genes:
+        from cmrcnet.evaluation.markers import parse_markers
+
+        cfg.genes.include = parse_markers(args.include_genes) or []
     cfg.validate()
     result = train_run(
         data_dir=args.data,

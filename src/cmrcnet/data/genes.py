@@ -44,6 +44,7 @@ class GeneSelectionConfig:
     min_spot_fraction: float = 0.05  # genes detected in fewer training spots than this fraction are ignored
     n_bins: int = 20  # bins of mean expression for the dispersion z-score
     target_sum: float = 1e4  # library size every spot is scaled to before log1p
+    include: list[str] = field(default_factory=list)  # genes always added (e.g. markers) when all samples have them
 
     def validate(self) -> None:
         if self.mode not in ("strict", "paper"):
@@ -200,6 +201,11 @@ def select_genes(
         chosen = [g for g in genes if g in union]
         looked_at = list(all_samples)
         logger.warning("paper protocol: genes chosen from all samples, including test samples %s", looked_at)
+    extra = [g for g in cfg.include if g in set(genes) and g not in set(chosen)]
+    absent = [g for g in cfg.include if g not in set(genes)]
+    if absent:
+        logger.warning("genes to include that not every selection sample measures (left out): %s", absent)
+    chosen = chosen + extra
     if not chosen:
         raise ConfigError("gene selection found no variable gene expressed in enough spots")
     logger.info("selected %d genes (%s mode) from samples %s", len(chosen), cfg.mode, looked_at)

@@ -264,7 +264,7 @@ class Trainer:
             n_seen += len(local)
             rate = n_seen * d.world_size / max(1e-9, time.perf_counter() - t0)
             bar.set_postfix(
-                epoch=f"{epoch + 1}/{t.epochs}", loss=f"{float(losses['loss']):.4f}", spots_s=f"{rate:.1f}"
+                epoch=f"{epoch + 1}/{t.epochs}", loss=f"{float(losses['loss'].detach()):.4f}", spots_s=f"{rate:.1f}"
             )
             bar.update(1)
         seconds = time.perf_counter() - t0
@@ -482,7 +482,7 @@ def train_run(
             save_bank(bank, run_dir)
             logger.info("reference bank: %d spots of %s (%s)", len(bank), train_samples, bank.fingerprint)
         meta = json.loads((run_dir / RUN_FILE).read_text())
-        meta.update(status="complete", best_epoch=result.best_epoch + 1, best_val_loss=result.best_val)
+        meta.update(status="complete", best_epoch=result.best_epoch + 1, best_val_loss=result.best_val_loss)
         write_json(run_dir / RUN_FILE, meta)
     barrier()
     return result
