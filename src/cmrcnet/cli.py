@@ -344,8 +344,71 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- cv -----------------------------------------------------------------------------------------------------
+def _add_cv(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from cmrcnet.data.splits import SPLIT_KINDS
+
+    p = sub.add_parser(
+        "cv",
+        parents=[common],
+        help="cross-validation: train, predict and evaluate every fold, then summarise",
+        description="Split the samples into folds (grouped by patient where known), then for each method x "
+        "seed x fold: train on the fold's training samples (genes chosen on them), predict the held-out "
+        "samples and evaluate them (strict protocol by default). Writes CV_DIR/folds.json, one folder per "
+        "run and summary.json/summary.md (mean ± sd over all fold x seed runs, methods side by side). An "
+        "interrupted cv resumes at the next unfinished fold when run again with the same options.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
+    p.add_argument("--split", required=True, choices=SPLIT_KINDS, help="how to form the folds")
+    p.add_argument("--k", type=_positive_int, default=5, help="number of folds for --split kfold (default 5)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the kfold patient shuffle (default 0)")
+    p.add_argument("--out", type=Path, required=True, help="cross-validation folder CV_DIR")
+    p.add_argument(
+        "--method",
+        default="cmrcnet",
+        help="comma-separated methods: cmrcnet, bleep, regression (default cmrcnet)",
+    )
+    p.add_argument("--config", default="cpu", help="preset (paper, cpu, tiny) or YAML file (default cpu)")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
+    p.add_argument(
+        "--samples", type=_id_list, help="comma-separated sample ids (default: every sample with an image)"
+    )
+    p.add_argument("--epochs", type=_positive_int, help="number of epochs (overrides the config)")
+    p.add_argument("--markers", help="comma-separated marker genes or a file with one gene per line")
+    p.add_argument("--protocol", choices=["strict", "paper"], default="strict", help="gene-set protocol")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--plots", action="store_true", help="draw expression maps for every fold (slow)")
+    p.set_defaults(handler=_run_cv)
+
+
+def _run_cv(args: argparse.Namespace) -> int:
+    from cmrcnet.evaluation.cv import SUMMARY_MD, run_cv
+    from cmrcnet.evaluation.markers import parse_markers
+
+    result = run_cv(
+        args.data,
+        args.out,
+        split=args.split,
+        methods=args.method,
+        config=args.config,
+        seeds=args.seeds,
+        samples=args.samples,
+        k=args.k,
+        split_seed=args.split_seed,
+        epochs=args.epochs,
+        markers=parse_markers(args.markers),
+        protocol=args.protocol,
+        device=args.device,
+        plots=args.plots,
+        progress=not args.quiet,
+        command=" ".join(["cmrcnet", *sys.argv[1:]]),
+    )
+    print((result.out_dir / SUMMARY_MD).read_text(encoding="utf-8"))
+    return 0
+
+
 # --- main ---------------------------------------------------------------------------------------------------
-SUBCOMMANDS = (_add_prepare, _add_train, _add_bank, _add_predict, _add_evaluate, _add_demo)
+SUBCOMMANDS = (_add_prepare, _add_train, _add_bank, _add_predict, _add_evaluate, _add_demo, _add_cv)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,3 +93,18 @@ def test_bad_geometry_is_a_config_error() -> None:
         extract_patches(
             image, np.zeros((1, 2)), ["a"], pixel_size_um=1, fov_um=0, patch_px=32, progress=False
         )
+
+
+def test_patch_fully_inside_has_exactly_zero_outside_fraction() -> None:
+    # float round-off used to report 2e-16 "outside" for patches well inside the image
+    img = np.zeros((1000, 1000, 3), np.uint8)
+    ps = extract_patches(
+        SlideImage.from_array(img, "x"),
+        np.array([[2307.86 / 3, 3500.48 / 4]]),
+        ["a"],
+        pixel_size_um=0.6894,
+        fov_um=112.0,
+        patch_px=16,
+        progress=False,
+    )
+    assert ps.outside_fraction[0] == 0.0 and ps.n_padded == 0

@@ -115,7 +115,8 @@ class SlideImage:
         # BOX filter = area averaging when shrinking, bilinear-like when enlarging: no aliasing either way
         resample = Image.Resampling.BOX if side > out_px else Image.Resampling.BILINEAR
         patch = Image.fromarray(crop).resize((out_px, out_px), resample=resample, box=box)
-        return np.asarray(patch, dtype=np.uint8), float(max(0.0, outside))
+        outside = 0.0 if outside < 1e-9 else outside  # float round-off of a patch fully inside
+        return np.asarray(patch, dtype=np.uint8), float(outside)
 
 
 def read_image_size(path: str | Path) -> tuple[int, int]:

@@ -81,7 +81,7 @@ def extract_patches(
         out[i], outside[i] = image.read_patch(centers[i, 0], centers[i, 1], fov_px, patch_px)
     if (outside > 0).any():
         logger.warning(
-            "%d of %d patches reach beyond the image and were padded white (max %.0f%% of a patch)",
+            "%d of %d patches reach beyond the image and were padded white (max %.1f%% of a patch)",
             int((outside > 0).sum()),
             n,
             100 * float(outside.max()),
