@@ -1,0 +1,147 @@
+"""Reference bank and prediction on a tiny trained run (tiny preset, one epoch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from cmrcnet.cli import main
+from cmrcnet.data.dataset import PreparedDataset
+from cmrcnet.data.prepare import prepare_sample
+from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples
+from cmrcnet.errors import CheckpointError, ConfigError
+from cmrcnet.inference.bank import load_bank
+from cmrcnet.inference.model_io import load_trained_model
+from cmrcnet.inference.predict import predict_from_embeddings, predict_samples
+from cmrcnet.inference.retrieval import retrieve_expression
+from cmrcnet.training.config import load_run_config
+from cmrcnet.training.trainer import train_run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("bankrun")
+    ds = root / "ds"
+    samples = make_synthetic_samples(
+        SyntheticConfig(n_slides=3, n_patients=1, n_rows=6, n_cols=6, n_genes=30)
+    )
+    for s in samples:
+        prepare_sample(s, ds, patch_px=32, progress=False)
+    # an expression-only copy of synS3 (like her2st C1): same counts, no image
+    expr_only = make_synthetic_samples(
+        SyntheticConfig(n_slides=3, n_patients=1, n_rows=6, n_cols=6, n_genes=30)
+    )[2]
+    expr_only.sample_id, expr_only.image = "exprOnly", None
+    expr_only.counts.obs["sample_id"] = "exprOnly"
+    prepare_sample(expr_only, ds, progress=False)
+    cfg = load_run_config("tiny")
+    cfg.train.epochs = 1
+    run = root / "run"
+    train_run(data_dir=ds, train_samples=["synS1", "synS2"], out_dir=run, config=cfg, progress=False)
+    return ds, run
+
+
+def test_bank_holds_every_training_spot(trained: tuple[Path, Path]) -> None:
+    _, run = trained
+    tm = load_trained_model(run)
+    bank = load_bank(run, tm)
+    assert bank.samples == ["synS1", "synS2"]
+    assert len(bank) == bank.embeddings.shape[0] == bank.expression.shape[0]
+    assert {k.split(":")[0] for k in bank.keys} == {"synS1", "synS2"}
+    assert bank.genes == tm.genes and torch.isfinite(bank.embeddings).all()
+
+
+def test_bank_add_expression_only_sample(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    ds, run = trained
+    n_before = len(load_bank(run))
+    assert (
+        main(["bank", "add", "--model", str(run), "--data", str(ds), "--samples", "exprOnly", "--quiet"]) == 0
+    )
+    bank = load_bank(run)
+    added = [k for k in bank.keys if k.startswith("exprOnly:")]
+    assert bank.samples == ["synS1", "synS2", "exprOnly"] and len(bank) == n_before + len(added) and added
+    # adding the same sample again replaces it instead of duplicating it
+    assert (
+        main(["bank", "add", "--model", str(run), "--data", str(ds), "--samples", "exprOnly", "--quiet"]) == 0
+    )
+    assert len(load_bank(run)) == len(bank)
+    # predictions of synS3 now retrieve from the expression-only spots as well
+    pred = predict_samples(run, ds, ["synS3"], tmp_path / "p.h5ad", progress=False)
+    assert "exprOnly" in pred.uns["cmrcnet"]["bank_samples"]
+    assert (
+        main(["bank", "build", "--model", str(run), "--data", str(ds), "--samples", "synS1,synS2", "--quiet"])
+        == 0
+    )
+    assert load_bank(run).samples == ["synS1", "synS2"]
+
+
+def test_predict_writes_anndata_with_provenance(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    ds, run = trained
+    out = tmp_path / "pred.h5ad"
+    rc = main(
+        [
+            "predict",
+            "--model",
+            str(run),
+            "--data",
+            str(ds),
+            "--samples",
+            "synS3",
+            "--out",
+            str(out),
+            "--quiet",
+            "--k",
+            "5",
+        ]
+    )
+    assert rc == 0
+    a = ad.read_h5ad(out)
+    tm = load_trained_model(run)
+    n_spots = PreparedDataset(ds).read_counts("synS3").n_obs
+    assert list(a.var_names) == tm.genes and a.n_obs == n_spots
+    assert a.obsm["spatial"].shape == (a.n_obs, 2) and set(a.obs["sample_id"]) == {"synS3"}
+    info = a.uns["cmrcnet"]
+    assert info["method"] == "cmrcnet" and info["k"] == 5 and list(info["train_samples"]) == ["synS1", "synS2"]
+    assert np.isfinite(a.X).all() and (a.X >= 0).all()
+
+
+def test_prediction_is_mean_of_retrieved_bank_profiles(trained: tuple[Path, Path]) -> None:
+    _, run = trained
+    bank = load_bank(run)
+    rng = np.random.default_rng(0)
+    q = torch.from_numpy(rng.standard_normal((4, bank.embeddings.shape[1])).astype(np.float32))
+    got = predict_from_embeddings(q, ["other"] * 4, bank, k=3, weighting="mean")
+    e = bank.embeddings.numpy() / np.linalg.norm(bank.embeddings.numpy(), axis=1, keepdims=True)
+    qn = q.numpy() / np.linalg.norm(q.numpy(), axis=1, keepdims=True)
+    top = np.argsort(-(qn @ e.T), axis=1)[:, :3]
+    np.testing.assert_allclose(got, bank.expression.numpy()[top].mean(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_a_sample_never_retrieves_its_own_spots(trained: tuple[Path, Path]) -> None:
+    _, run = trained
+    bank = load_bank(run)
+    own = np.array([k.startswith("synS1:") for k in bank.keys])
+    q = bank.embeddings[torch.from_numpy(np.flatnonzero(own)[:3])]  # queries identical to synS1 bank entries
+    got = predict_from_embeddings(q, ["synS1"] * 3, bank, k=2, weighting="mean")
+    other = torch.from_numpy(np.flatnonzero(~own))
+    expected = retrieve_expression(
+        q.numpy(), bank.embeddings[other].numpy(), bank.expression[other].numpy(), k=2
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_bank_from_other_weights_is_refused(trained: tuple[Path, Path]) -> None:
+    _, run = trained
+    tm = load_trained_model(run, use_ema=True)  # a different set of weights than the bank was built with
+    with pytest.raises(CheckpointError, match="rebuild"):
+        load_bank(run, tm)
+
+
+def test_predicting_an_expression_only_sample_is_an_error(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    ds, run = trained
+    with pytest.raises(ConfigError, match="no image"):
+        predict_samples(run, ds, ["exprOnly"], tmp_path / "x.h5ad", progress=False)
