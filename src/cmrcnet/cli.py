@@ -171,7 +171,8 @@ def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--genes", choices=["strict", "paper"], help="gene selection protocol (default strict)")
     p.add_argument("--n-genes", type=_positive_int, help="number of highly variable genes (strict mode)")
     p.add_argument(
-        "--include-genes", help="genes always added to the model's genes (comma-separated or a file), e.g. markers"
+        "--include-genes",
+        help="genes always added to the model's genes (comma-separated or a file), e.g. markers",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.set_defaults(handler=_run_train)

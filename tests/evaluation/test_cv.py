@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from cmrcnet import cli
 from cmrcnet.data.prepare import prepare_sample
@@ -19,6 +21,25 @@ from cmrcnet.evaluation.cv import parse_methods, parse_seeds, plan_folds, run_cv
 # synS1 -> synP1, synS2 -> synP2, synS3 -> synP1 (round-robin)
 SYN = SyntheticConfig(n_slides=3, n_patients=2, n_rows=6, n_cols=6, n_genes=30)
 LOSO_METHODS = ["cmrcnet", "bleep"]
+# the tiny preset with narrow embeddings (its reconstruction stream dominates the test time otherwise) and one
+# torch thread (two threads on a busy 2-core machine were 4x slower)
+TEST_CONFIG = (
+    "preset: tiny\nmodel: {proj_dim: 32, regression_hidden: 32}\ntrain: {epochs: 1, num_threads: 1}\n"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    n = torch.get_num_threads()  # train_run sets the process-wide thread count from the config
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cv_config") / "test.yaml"
+    path.write_text(TEST_CONFIG)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +51,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def loso(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def loso(data_dir: Path, config_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished leave-one-sample-out cv with two methods (6 runs); tests copy it before changing it."""
     out = tmp_path_factory.mktemp("cv_loso") / "cv"
     run_cv(
@@ -38,8 +59,7 @@ def loso(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         out,
         split="leave-one-sample-out",
         methods=",".join(LOSO_METHODS),
-        config="tiny",
-        epochs=1,
+        config=config_file,
         progress=False,
     )
     return out
@@ -99,11 +119,11 @@ def test_loso_two_methods_summary(loso: Path) -> None:
 
 
 def test_lopo_via_cli_keeps_patients_apart(
-    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    data_dir: Path, config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "cv"
     argv = ["cv", "--data", str(data_dir), "--split", "leave-one-patient-out", "--out", str(out)]
-    argv += ["--method", "regression", "--config", "tiny", "--epochs", "1", "--quiet"]
+    argv += ["--method", "regression", "--config", str(config_file), "--epochs", "1", "--quiet"]
     assert cli.main(argv) == 0
     assert "cmrcnet cross-validation" in capsys.readouterr().out
     folds = json.loads((out / "folds.json").read_text())
@@ -123,7 +143,7 @@ def test_lopo_via_cli_keeps_patients_apart(
 
 
 def test_resume_redoes_only_unfinished_folds(
-    loso: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    loso: Path, data_dir: Path, config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "cv"
     shutil.copytree(loso, out)  # copy2 keeps the mtimes
@@ -152,7 +172,7 @@ def test_resume_redoes_only_unfinished_folds(
         return real_train_run(**kwargs)
 
     monkeypatch.setattr(cv_mod, "train_run", spy)
-    options = dict(split="leave-one-sample-out", methods=LOSO_METHODS, config="tiny", epochs=1, progress=False)
+    options = dict(split="leave-one-sample-out", methods=LOSO_METHODS, config=config_file, progress=False)
     result = run_cv(data_dir, out, **options)
     assert sorted(calls) == [("bleep/seed0/synS1/run", True), ("bleep/seed0/synS3/run", False)]
     assert (result.n_computed, result.n_reused) == (3, 3)

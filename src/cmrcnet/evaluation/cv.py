@@ -79,6 +79,11 @@ AGGREGATION = (
     "deviation (ddof=1) over all fold x seed runs; per_fold: mean (and std) over seeds; per_seed: mean (and "
     "std) over folds"
 )
+N_A_NOTE = (
+    "a run has no value when no gene of the set has a PCC (an empty marker set, or every gene constant on the "
+    "test samples in the measured data or in the prediction, e.g. a collapsed model); such runs are left out, "
+    "never counted as 0"
+)
 SECTION_NOTE = (
     "section-level split: other sections of the same patient were in training; expect optimistic results"
 )
@@ -190,7 +195,7 @@ def plan_folds(
         if not ids:
             raise InputFileError("no sample with an image in this dataset", path=dataset.root)
     else:
-        ids = list(dict.fromkeys(str(s) for s in samples))
+        ids = sorted({str(s) for s in samples})  # sorted: the folds do not depend on the order given
         dataset.require(ids)
         no_image = [s for s in ids if not dataset.has_image(s)]
         if no_image:
@@ -580,10 +585,12 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _cell(stats: dict[str, Any], digits: int = 3) -> str:
+def _cell(stats: dict[str, Any], n_expected: int, digits: int = 3) -> str:
+    """Mean ± sd as text, with "(n=k)" when only k of the n_expected runs had a value."""
     if stats["mean"] is None:
         return "n/a"
-    return _fmt(stats["mean"], digits) + ("" if stats["std"] is None else f" ± {_fmt(stats['std'], digits)}")
+    text = _fmt(stats["mean"], digits) + ("" if stats["std"] is None else f" ± {_fmt(stats['std'], digits)}")
+    return text + (f" (n={stats['n']})" if stats["n"] < n_expected else "")
 
 
 def summary_markdown(s: dict[str, Any]) -> str:
@@ -617,9 +624,11 @@ def summary_markdown(s: dict[str, Any]) -> str:
     ]
     for key, label in SUMMARY_METRICS:
         digits = 1 if key == "n_constant_excluded" else 3
-        lines.append(
-            f"| {label} | " + " | ".join(_cell(s["metrics"][m][key], digits) for m in methods) + " |"
-        )
+        cells = [_cell(s["metrics"][m][key], n_runs[m], digits) for m in methods]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    missing = any(s["metrics"][m][key]["n"] < n_runs[m] for m in methods for key, _ in SUMMARY_METRICS)
+    if missing:
+        lines += ["", f"(n=k): only k runs had a value; {N_A_NOTE}."]
     lines.append("")
 
     labels = dict(SUMMARY_METRICS)
@@ -631,7 +640,10 @@ def summary_markdown(s: dict[str, Any]) -> str:
         test = f"{', '.join(fold['test'])} ({', '.join(fold['test_patients'])})"
         name = fold["name"] + (" *" if fold["shared_patients"] else "")
         cells = [name, test]
-        cells += [_cell(s["per_fold"][m][fold["name"]][key]) for m in methods for key in PER_FOLD_METRICS]
+        n_seeds = len(s["seeds"])
+        cells += [
+            _cell(s["per_fold"][m][fold["name"]][key], n_seeds) for m in methods for key in PER_FOLD_METRICS
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if any(f["shared_patients"] for f in s["folds"]):
         lines.append("")

@@ -31,12 +31,18 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):  # torch's safe unpickler met a class or function
+            raise CheckpointError(
+                "refused: the file contains objects other than tensors and plain data (it could run code); "
+                "only checkpoints written by cmrcnet are accepted",
+                path=path,
+            ) from exc
         raise CheckpointError(
-            "refused: the file contains objects other than tensors and plain data (it could run code); "
-            "only checkpoints written by cmrcnet are accepted",
+            "cannot read checkpoint: refused by torch's safe loader (corrupt, or not a plain-data checkpoint "
+            "written by cmrcnet)",
             path=path,
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # a truncated or garbled file fails in many ways: RuntimeError, EOFError, KeyError
         raise CheckpointError(f"cannot read checkpoint ({type(exc).__name__}: {exc})", path=path) from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"not a cmrcnet checkpoint (expected format {FORMAT!r})", path=path)

@@ -49,6 +49,7 @@ from cmrcnet.training.distributed import (
     resolve_device,
 )
 from cmrcnet.training.run_layout import (
+    BANK_FILE,
     BEST_CKPT,
     CONFIG_FILE,
     CURVE_FILE,
@@ -205,7 +206,7 @@ class Trainer:
         )
         for epoch in range(self.start_epoch, t.epochs):
             row = self._train_epoch(epoch, bar)
-            row.update(self._validate())
+            row.update(broadcast_object(self._validate(), self.dist))  # rank 0's: every process agrees on best
             row["is_best"] = False
             if row["val_loss"] < self.best_val:
                 self.best_val, self.best_epoch, row["is_best"] = row["val_loss"], epoch, True
@@ -330,9 +331,11 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
     def _save(self, epoch: int, is_best: bool) -> None:
         state = self.state(epoch)
-        save_checkpoint(self.run_dir / LAST_CKPT, state)
+        # best before last: a kill between the two then leaves last.pt one epoch behind (that epoch is redone,
+        # identically, on resume) instead of a last.pt that names a best epoch best.pt does not hold
         if is_best:
             save_checkpoint(self.run_dir / BEST_CKPT, state)
+        save_checkpoint(self.run_dir / LAST_CKPT, state)
         write_metrics_csv(self.run_dir / METRICS_FILE, self.history)
         try:
             plot_loss_curve(
@@ -393,6 +396,8 @@ def train_run(
             raise ConfigError(
                 f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out"
             )
+        if info.is_main:
+            remove_stale_temporaries(run_dir)
         if (run_dir / LAST_CKPT).exists():
             ckpt = load_checkpoint(run_dir / LAST_CKPT)
             saved = load_run_config(run_dir / CONFIG_FILE)
@@ -486,6 +491,18 @@ def train_run(
         write_json(run_dir / RUN_FILE, meta)
     barrier()
     return result
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the hidden temporary siblings ('.NAME.*.tmp*', see cmrcnet.atomic) that a killed run left."""
+    names = (CONFIG_FILE, MODEL_FILE, GENES_FILE, NORMALIZATION_FILE, SPOTS_FILE, METRICS_FILE, CURVE_FILE)
+    names += (RUN_FILE, BEST_CKPT, LAST_CKPT, BANK_FILE)
+    stale = [p for name in names for p in run_dir.glob(f".{name}.*.tmp*") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        logger.info("removed %d temporary file(s) left by an interrupted run in %s", len(stale), run_dir)
+    return stale
 
 
 def write_run_files(
