@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import git_commit, machine_info, matmul_peak_gflops
-
 from cmrcnet.models import build_model
 from cmrcnet.models.config import ModelConfig
 from cmrcnet.models.flops import model_flops_per_spot
 from cmrcnet.runtime import autocast_context
+
+from _machine import git_commit, machine_info, matmul_peak_gflops
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_speed.json"
 

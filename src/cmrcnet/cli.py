@@ -408,8 +408,145 @@ def _run_cv(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- predict-slide ----------------------------------------------------------------------------------------
+def _add_predict_slide(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "predict-slide",
+        parents=[common],
+        help="predict expression over a whole slide (tiles x genes, heatmaps, tumour score)",
+        description="Detect tissue on a thumbnail, lay a regular grid of tiles of the model's field of view over "
+        "the slide and predict every tissue tile, streaming tiles from the pyramid level nearest the resolution "
+        "the model needs (memory does not grow with the slide). Writes OUT_DIR/prediction.h5ad, tissue_mask.png, "
+        "thumbnail.png, heatmap_<gene>.png, tumour_score.png (tumour_mask.png with --threshold) and summary.json. "
+        'Vendor WSI formats (svs, ndpi, mrxs, ...) need OpenSlide: pip install "cmrcnet[slide]".',
+    )
+    p.add_argument("--model", type=Path, required=True, help="run folder of a trained model")
+    p.add_argument("--slide", type=Path, required=True, help="WSI, OME/plain TIFF, JPEG or PNG")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--pixel-size",
+        type=_positive_float,
+        help="micrometres per full-resolution pixel (default: the slide's metadata; required without)",
+    )
+    p.add_argument(
+        "--step-um",
+        type=_positive_float,
+        help="grid step in um (default: the model's field of view; smaller overlaps tiles for smoother maps)",
+    )
+    p.add_argument(
+        "--genes", type=_id_list, help="comma-separated genes to draw heatmaps of (default: markers)"
+    )
+    p.add_argument(
+        "--markers",
+        help="tumour-score marker genes: comma-separated or a file (default: breast tumour markers)",
+    )
+    p.add_argument("--threshold", type=float, help="tumour score at or above which a tile is called tumour")
+    p.add_argument(
+        "--sample-id", help="slide id (default: the file name); bank spots of this id are excluded"
+    )
+    p.add_argument(
+        "--min-tissue", type=float, default=0.5, help="fraction of a tile that must be tissue (default 0.5)"
+    )
+    p.add_argument("--k", type=_positive_int, help="neighbours to average (default from the run)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="tiles per forward pass (default 64)")
+    p.add_argument(
+        "--precision", choices=["bf16", "fp32", "fp16"], default="bf16", help="inference precision"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--reader", choices=["auto", "openslide", "tifffile", "pillow"], default="auto", help="slide back end"
+    )
+    p.set_defaults(handler=_run_predict_slide)
+
+
+def _run_predict_slide(args: argparse.Namespace) -> int:
+    from cmrcnet.evaluation.markers import parse_markers
+    from cmrcnet.inference.slide import predict_slide
+
+    result = predict_slide(
+        args.model,
+        args.slide,
+        args.out,
+        pixel_size_um=args.pixel_size,
+        step_um=args.step_um,
+        genes=args.genes,
+        markers=parse_markers(args.markers),
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        device=args.device,
+        k=args.k,
+        sample_id=args.sample_id,
+        min_tissue=args.min_tissue,
+        reader=args.reader,
+        progress=not args.quiet,
+    )
+    s = result.stats
+    print(
+        f"predicted {s['n_tissue_tiles']} tissue tiles (of {s['n_grid_tiles']}) x {result.adata.n_vars} genes "
+        f"at level {s['level']} (downsample {s['level_downsample']:.2f}), {s['tiles_per_second']} tiles/s "
+        f"-> {result.out_dir}"
+    )
+    return 0
+
+
+# --- localise-eval ----------------------------------------------------------------------------------------
+def _add_localise_eval(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "localise-eval",
+        parents=[common],
+        help="AUROC / average precision of a tumour score against pathologist labels",
+        description="Match each label point (TSV: x, y in full-resolution pixels, label; optional sample_id) to "
+        "the nearest predicted tile/spot centre within half a tile, then report how well the score separates "
+        "the --positive labels from the rest (AUROC with ties counted half; average precision).",
+    )
+    p.add_argument("--pred", type=Path, required=True, help="prediction .h5ad (predict-slide or predict)")
+    p.add_argument("--labels", type=Path, required=True, help="label TSV with columns x, y, label")
+    p.add_argument("--positive", nargs="+", required=True, help="label(s) counted as positive (tumour)")
+    p.add_argument(
+        "--score-key", default="tumour_score", help="obs column or gene to rank by (default tumour_score)"
+    )
+    p.add_argument("--markers", help="markers for a tumour score computed here when --pred has none")
+    p.add_argument(
+        "--max-distance", type=_positive_float, help="matching distance in px (default: half a tile)"
+    )
+    p.add_argument("--out", type=Path, help="also write the report to this JSON file")
+    p.set_defaults(handler=_run_localise_eval)
+
+
+def _run_localise_eval(args: argparse.Namespace) -> int:
+    from cmrcnet.evaluation.localisation import localise_eval
+    from cmrcnet.evaluation.markers import parse_markers
+
+    r = localise_eval(
+        args.pred,
+        args.labels,
+        args.positive,
+        score_key=args.score_key,
+        markers=parse_markers(args.markers),
+        max_distance_px=args.max_distance,
+        out_path=args.out,
+    )
+    print(
+        f"{r['score']}: AUROC {r['auroc']:.3f}, average precision {r['average_precision']:.3f} "
+        f"(prevalence {r['prevalence']:.3f}); {r['n_positive']} positive / {r['n_negative']} negative label "
+        f"points matched, {r['n_unmatched']} unmatched"
+    )
+    return 0
+
+
 # --- main ---------------------------------------------------------------------------------------------------
-SUBCOMMANDS = (_add_prepare, _add_train, _add_bank, _add_predict, _add_evaluate, _add_demo, _add_cv)
+SUBCOMMANDS = (
+    _add_prepare,
+    _add_train,
+    _add_bank,
+    _add_predict,
+    _add_evaluate,
+    _add_demo,
+    _add_cv,
+    _add_predict_slide,
+    _add_localise_eval,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -444,6 +581,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0
+    root = logging.getLogger("cmrcnet")
+    saved = (list(root.handlers), root.level, root.propagate)
     _configure_logging(args)
     try:
         return args.handler(args)
@@ -455,6 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cmrcnet {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:  # leave logging as we found it (matters when main() is called in-process, e.g. from tests)
+        root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from cmrcnet.data import dataset as dataset_mod
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.prepare import prepare_sample
 from cmrcnet.errors import InputFileError
-from conftest import make_sample
+
+from sample_factory import make_sample
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

@@ -11,7 +11,8 @@ from cmrcnet.data.genes import (
     select_genes,
 )
 from cmrcnet.errors import ConfigError, InputFileError
-from conftest import make_sample
+
+from sample_factory import make_sample
 
 
 def test_normalize_log1p_by_hand() -> None:

@@ -24,7 +24,8 @@ from cmrcnet.evaluation.markers import (
     parse_markers,
 )
 from cmrcnet.evaluation.metrics import evaluate_arrays, top_expressed_genes
-from conftest import make_sample
+
+from sample_factory import make_sample
 
 TRAIN = ["tr1", "tr2"]
 TEST = ["te1", "te2"]  # te2 has no image (no thumbnail)

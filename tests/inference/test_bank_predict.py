@@ -105,7 +105,9 @@ def test_predict_writes_anndata_with_provenance(trained: tuple[Path, Path], tmp_
     assert list(a.var_names) == tm.genes and a.n_obs == n_spots
     assert a.obsm["spatial"].shape == (a.n_obs, 2) and set(a.obs["sample_id"]) == {"synS3"}
     info = a.uns["cmrcnet"]
-    assert info["method"] == "cmrcnet" and info["k"] == 5 and list(info["train_samples"]) == ["synS1", "synS2"]
+    assert (
+        info["method"] == "cmrcnet" and info["k"] == 5 and list(info["train_samples"]) == ["synS1", "synS2"]
+    )
     assert np.isfinite(a.X).all() and (a.X >= 0).all()
 
 

@@ -1,7 +1,7 @@
 """Fixtures for the training tests: a small prepared SYNTHETIC dataset, the "tiny" run config, one thread.
 
-Test modules here never `from conftest import ...` (pytest keeps one module of that name at a time, so the one
-in tests/models/ can shadow the top-level one); plain helpers live in `training_utils.py`.
+Test modules import plain helpers from `training_utils.py` (conftest modules are not importable by name: pytest
+keeps one module called `conftest` at a time).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from cmrcnet.data.prepare import prepare_sample
 from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples
 from cmrcnet.training.config import RunConfig, load_run_config
 from cmrcnet.training.trainer import TrainResult, train_run
+
 from training_utils import EXPRESSION_ONLY, TRAIN_SAMPLES
 
 

@@ -52,7 +52,7 @@ def test_crafted_pickle_is_refused_without_running(tmp_path: Path, where: str) -
 def test_raw_pickle_with_code_is_refused_without_running(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    path.write_bytes(pickle.dumps({"format": FORMAT, "x": _TouchOnUnpickle(marker)}))
+    path.write_bytes(pickle.dumps({"format": FORMAT, "x": _TouchOnUnpickle(marker)}, protocol=2))
     with pytest.raises(CheckpointError, match=_names_file(path)):
         load_checkpoint(path)
     assert not marker.exists()
@@ -95,7 +95,11 @@ def test_missing_checkpoint_is_an_input_file_error(tmp_path: Path) -> None:
 
 
 def test_round_trip_is_exact_and_leaves_no_temporary_file(tmp_path: Path) -> None:
-    payload = {"model": {"w": torch.randn(4, 4), "n": torch.tensor(3)}, "history": [{"loss": 1.5}], "epoch": 2}
+    payload = {
+        "model": {"w": torch.randn(4, 4), "n": torch.tensor(3)},
+        "history": [{"loss": 1.5}],
+        "epoch": 2,
+    }
     path = tmp_path / "ck.pt"
     save_checkpoint(path, payload)
     loaded = load_checkpoint(path)

@@ -8,6 +8,7 @@ writes the run folder. (The gathering loss itself is unit-tested in tests/models
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import subprocess
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 from cmrcnet.training.checkpoint import load_checkpoint
 from cmrcnet.training.run_layout import BANK_FILE, BEST_CKPT, LAST_CKPT, METRICS_FILE, RUN_FILE
+
 from training_utils import TRAIN_SAMPLES, cli_env
 
 EPOCHS = 3
@@ -26,14 +28,18 @@ EPOCHS = 3
 
 def _skip_without_gloo() -> None:
     if not dist.is_available():
-        pytest.skip("this torch build has no torch.distributed")
+        pytest.skip("this torch build has no torch.distributed (torchrun)")
     if not dist.is_gloo_available():
         pytest.skip("this torch build has no gloo backend (needed for distributed training on the CPU)")
+    if importlib.util.find_spec("torch.distributed.run") is None:
+        pytest.skip("torch.distributed.run (torchrun) is not available")
 
 
 def _metrics(run_dir: Path) -> list[dict[str, float]]:
     with open(run_dir / METRICS_FILE, newline="", encoding="utf-8") as fh:
-        return [{k: float(v) if k != "is_best" else v == "True" for k, v in r.items()} for r in csv.DictReader(fh)]
+        return [
+            {k: float(v) if k != "is_best" else v == "True" for k, v in r.items()} for r in csv.DictReader(fh)
+        ]
 
 
 @pytest.mark.slow
@@ -51,8 +57,6 @@ def test_torchrun_two_cpu_processes(synthetic_ds: Path, tmp_path: Path, train_ti
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"torchrun did not finish in 180 s:\n{exc.stderr}")
     log = done.stdout + done.stderr
-    if done.returncode != 0 and ("gloo" in log.lower() and "error" in log.lower()) and "cmrcnet" not in log:
-        pytest.skip(f"torchrun/gloo cannot start here:\n{log[-2000:]}")
     assert done.returncode == 0, log[-4000:]
     assert "process 0/2 joined the gloo group" in log and "process 1/2 joined the gloo group" in log
     assert log.count("2 process(es)") == 2  # both ranks trained

@@ -13,15 +13,33 @@ from pathlib import Path
 import pytest
 
 from cmrcnet.errors import CheckpointError
+from cmrcnet.training import trainer as trainer_module
 from cmrcnet.training.checkpoint import load_checkpoint
 from cmrcnet.training.run_layout import BEST_CKPT, LAST_CKPT, RUN_FILE
-from cmrcnet.training import trainer as trainer_module
-from cmrcnet.training.trainer import TrainResult, Trainer, train_run
-from training_utils import TRAIN_SAMPLES, assert_same_tensors, cli_env, run_cli, temporary_files, without_timing
+from cmrcnet.training.trainer import Trainer, TrainResult, train_run
+
+from training_utils import (
+    TRAIN_SAMPLES,
+    assert_same_tensors,
+    cli_env,
+    run_cli,
+    temporary_files,
+    without_timing,
+)
 
 EPOCHS = 6
 STEPS_PER_EPOCH = 7  # 56 training spots (70 minus 14 for validation) in batches of 8
-COMPARED = ("epoch", "step", "model", "ema", "optimizer", "best_val", "best_epoch", "model_config", "run_config")
+COMPARED = (
+    "epoch",
+    "step",
+    "model",
+    "ema",
+    "optimizer",
+    "best_val",
+    "best_epoch",
+    "model_config",
+    "run_config",
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +102,7 @@ def test_keyboard_interrupt_then_resume_is_exact(
     assert result.best_epoch == ref_result.best_epoch
 
 
+@pytest.mark.slow
 def test_interrupt_between_the_two_checkpoint_writes(
     uninterrupted: tuple[Path, TrainResult],
     train_tiny,

@@ -29,7 +29,14 @@ from cmrcnet.training.run_layout import (
     SPOTS_FILE,
 )
 from cmrcnet.training.trainer import TrainResult, train_run
-from training_utils import EXPRESSION_ONLY, TRAIN_SAMPLES, assert_same_tensors, temporary_files, without_timing
+
+from training_utils import (
+    EXPRESSION_ONLY,
+    TRAIN_SAMPLES,
+    assert_same_tensors,
+    temporary_files,
+    without_timing,
+)
 
 EPOCHS = 4
 RUN_FILES = {
@@ -144,7 +151,9 @@ def test_second_train_into_the_same_folder_needs_resume(
     assert {name: (run_dir / name).read_bytes() for name in before} == before
 
 
-def test_expression_only_training_sample_is_refused(synthetic_ds: Path, tmp_path: Path, tiny_run_config) -> None:
+def test_expression_only_training_sample_is_refused(
+    synthetic_ds: Path, tmp_path: Path, tiny_run_config
+) -> None:
     with pytest.raises(ConfigError, match=rf"\['{EXPRESSION_ONLY}'\] are expression-only"):
         train_run(
             data_dir=synthetic_ds,
@@ -156,7 +165,7 @@ def test_expression_only_training_sample_is_refused(synthetic_ds: Path, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_same_seed_same_weights_other_seed_different(
+def test_same_seed_gives_identical_weights(
     trained: tuple[Path, TrainResult], train_tiny, tiny_run_config, tmp_path: Path
 ) -> None:
     run_dir, result = trained
@@ -168,9 +177,16 @@ def test_same_seed_same_weights_other_seed_different(
     assert without_timing(again.history) == without_timing(result.history)
     assert temporary_files(tmp_path / "again") == []
 
+
+def test_other_seed_gives_other_weights(
+    trained: tuple[Path, TrainResult], train_tiny, tiny_run_config, tmp_path: Path
+) -> None:
+    run_dir, result = trained
     other = train_tiny(tmp_path / "other", tiny_run_config(epochs=EPOCHS, seed=1))
+    reference = load_checkpoint(run_dir / LAST_CKPT)["model"]
     weights = load_checkpoint(tmp_path / "other" / LAST_CKPT)["model"]
-    differ = [k for k, v in weights.items() if v.is_floating_point() and not torch.equal(v, reference["model"][k])]
+    assert weights.keys() == reference.keys()
+    differ = [k for k, v in weights.items() if v.is_floating_point() and not torch.equal(v, reference[k])]
     assert len(differ) > len(weights) // 2  # initialisation, split, order and augmentation all move
     assert other.history[-1]["train_loss"] != result.history[-1]["train_loss"]
 

@@ -41,8 +41,12 @@ def assert_same_tensors(a: Any, b: Any, where: str = "checkpoint") -> None:
     """Nested dicts/lists of tensors and plain values are exactly equal (torch.equal on every tensor)."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), f"{where}: tensor vs {type(b).__name__}"
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
-        assert torch.equal(a, b), f"{where}: tensors differ (max abs diff {(a.double() - b.double()).abs().max()})"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        )
+        assert torch.equal(a, b), (
+            f"{where}: tensors differ (max abs diff {(a.double() - b.double()).abs().max()})"
+        )
     elif isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys differ"
         for key in a:

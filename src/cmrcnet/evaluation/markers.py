@@ -104,3 +104,30 @@ def is_synthetic_panel(gene_names: Sequence[str]) -> bool:
 def default_markers(gene_names: Sequence[str]) -> list[str]:
     """SYNTHETIC_MARKERS for a synthetic panel, BREAST_CANCER_MARKERS otherwise (not filtered to the panel)."""
     return list(SYNTHETIC_MARKERS if is_synthetic_panel(gene_names) else BREAST_CANCER_MARKERS)
+
+
+# Breast cancer TUMOUR markers for the tumour score of `cmrcnet predict-slide` (evaluation/localisation.py):
+# genes high in carcinoma cells and low in stroma, immune infiltrate and fat. Hormone receptors (ESR1, PGR) and
+# MKI67 are left out: many HER2+ tumours are receptor-negative, and proliferation marks immune cells as well.
+BREAST_TUMOUR_MARKERS: tuple[str, ...] = (
+    # HER2, amplified and overexpressed in the tumour cells of HER2+ breast cancer: Slamon et al., Science 1987;
+    # its expression follows the annotated tumour regions of the her2st sections: Andersson et al., Nat Commun 2021.
+    "ERBB2",
+    # on the ERBB2 amplicon, co-overexpressed with it in breast tumours: Stein et al., EMBO J 1994.
+    "GRB7",
+    # simple-epithelium cytokeratins retained in breast carcinoma cells: Moll et al., Cell 1982.
+    "KRT8",
+    "KRT18",
+    "KRT19",
+    # epithelial cell adhesion molecule, high in breast carcinomas: Spizzo et al., Breast Cancer Res Treat 2004
+    # (Litvinov et al., J Cell Biol 1994 for its epithelial specificity).
+    "EPCAM",
+)
+
+# Synthetic demo data: the genes driven by the tumour program (the generator's ground truth).
+SYNTHETIC_TUMOUR_MARKERS: tuple[str, ...] = tuple(g for g, p in marker_genes().items() if p == "tumour")
+
+
+def default_tumour_markers(gene_names: Sequence[str]) -> list[str]:
+    """SYNTHETIC_TUMOUR_MARKERS for a synthetic panel, BREAST_TUMOUR_MARKERS otherwise (not filtered)."""
+    return list(SYNTHETIC_TUMOUR_MARKERS if is_synthetic_panel(gene_names) else BREAST_TUMOUR_MARKERS)

@@ -164,7 +164,9 @@ class OpenSlideReader(SlideReader):
         try:
             self._slide = openslide.OpenSlide(str(path))
         except Exception as exc:  # OpenSlideError, OpenSlideUnsupportedFormatError, OSError
-            raise InputFileError(f"OpenSlide cannot read this slide ({type(exc).__name__}: {exc})", path=path) from exc
+            raise InputFileError(
+                f"OpenSlide cannot read this slide ({type(exc).__name__}: {exc})", path=path
+            ) from exc
         self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         mpp = self._slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
@@ -265,7 +267,9 @@ class _SegmentLevel:
                 iy0, iy1 = max(y0, sy), min(y1, sy + seg.shape[0])
                 ix0, ix1 = max(x0, sx), min(x1, sx + seg.shape[1])
                 if iy1 > iy0 and ix1 > ix0:
-                    out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = seg[iy0 - sy : iy1 - sy, ix0 - sx : ix1 - sx]
+                    out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = seg[
+                        iy0 - sy : iy1 - sy, ix0 - sx : ix1 - sx
+                    ]
         return out
 
 
@@ -453,9 +457,7 @@ class PillowReader(SlideReader):
             raise InputFileError(f"cannot read image ({type(exc).__name__}: {exc})", path=path) from exc
         self._scales = _JPEG_SCALES if is_jpeg else (1,)
         self.level_dimensions = tuple((-(-width // s), -(-height // s)) for s in self._scales)
-        self.level_downsamples = tuple(
-            (width / w + height / h) / 2.0 for w, h in self.level_dimensions
-        )
+        self.level_downsamples = tuple((width / w + height / h) / 2.0 for w, h in self.level_dimensions)
         self._cached: tuple[int, np.ndarray] | None = None
 
     def _level_array(self, level: int) -> np.ndarray:
@@ -470,7 +472,9 @@ class PillowReader(SlideReader):
                     im.draft("RGB", (width // scale, height // scale))
                 arr = np.asarray(im.convert("RGB"), dtype=np.uint8)  # (h, w, 3)
         except Exception as exc:
-            raise InputFileError(f"cannot decode image ({type(exc).__name__}: {exc})", path=self.path) from exc
+            raise InputFileError(
+                f"cannot decode image ({type(exc).__name__}: {exc})", path=self.path
+            ) from exc
         if (arr.shape[1], arr.shape[0]) != self.level_dimensions[level]:
             raise InputFileError(
                 f"decoded level {level} is {arr.shape[1]} x {arr.shape[0]} px, "
@@ -508,7 +512,9 @@ def open_slide(path: str | Path, *, reader: str = "auto") -> SlideReader:
             reader = "pillow"
         else:
             known = ", ".join(OPENSLIDE_SUFFIXES + TIFF_SUFFIXES + PILLOW_SUFFIXES)
-            raise InputFileError(f"unsupported slide format {suffix or '(no suffix)'!r}; known: {known}", path=path)
+            raise InputFileError(
+                f"unsupported slide format {suffix or '(no suffix)'!r}; known: {known}", path=path
+            )
     opened: SlideReader
     if reader == "openslide":
         opened = OpenSlideReader(path)
@@ -522,7 +528,9 @@ def open_slide(path: str | Path, *, reader: str = "auto") -> SlideReader:
         opened.kind,
         opened.n_levels,
         *opened.dimensions,
-        f"{opened.pixel_size_um:.4f} um ({opened.pixel_size_source})" if opened.pixel_size_um else "not recorded",
+        f"{opened.pixel_size_um:.4f} um ({opened.pixel_size_source})"
+        if opened.pixel_size_um
+        else "not recorded",
     )
     return opened
 
@@ -572,7 +580,7 @@ def read_thumbnail(
     """
     level = reader.best_level_for_downsample(max(downsample, 1.0))
     level_ds = reader.level_downsamples[level]
-    f = max(1, int(math.floor(downsample / level_ds + 1e-6)))
+    f = max(1, math.floor(downsample / level_ds + 1e-6))
     width, height = reader.level_dimensions[level]
     out_w, out_h = -(-width // f), -(-height // f)
     thumb = np.empty((out_h, out_w, 3), dtype=np.uint8)  # (h, w, 3)

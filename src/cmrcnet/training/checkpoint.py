@@ -42,7 +42,8 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
             "written by cmrcnet)",
             path=path,
         ) from exc
-    except Exception as exc:  # a truncated or garbled file fails in many ways: RuntimeError, EOFError, KeyError
+    # truncated or garbled files fail in many ways (RuntimeError, EOFError, KeyError, ...)
+    except Exception as exc:
         raise CheckpointError(f"cannot read checkpoint ({type(exc).__name__}: {exc})", path=path) from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"not a cmrcnet checkpoint (expected format {FORMAT!r})", path=path)

@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,12 @@ class RunConfig:
         self.retrieval.validate()
 
     def model_config(self, *, n_genes: int) -> ModelConfig:
+        fixed = sorted({"n_genes", "method", "encoder"} & set(self.model))
+        if fixed:
+            raise ConfigError(
+                f"model overrides cannot set {fixed}: n_genes comes from the gene list, method and encoder "
+                "are top-level config keys"
+            )
         return ModelConfig.from_preset(self.encoder, n_genes=n_genes, method=self.method, **self.model)
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,8 +144,10 @@ def load_run_config(spec: str | Path) -> RunConfig:
             raise InputFileError(f"invalid YAML ({exc})", path=path) from exc
         if not isinstance(data, dict):
             raise InputFileError("config must be a YAML mapping", path=path)
-        base = presets[str(data.pop("preset"))] if data.get("preset") in presets else RunConfig()
-        data.pop("preset", None)
+        preset = data.pop("preset", None)
+        if preset is not None and (not isinstance(preset, str) or preset not in presets):
+            raise ConfigError(f"{path}: unknown preset {preset!r}; choose one of {list(presets)}")
+        base = presets[preset] if preset is not None else RunConfig()
         cfg = _build(RunConfig, _merge(base.to_dict(), data), str(path))
     cfg.validate()
     return cfg
@@ -175,7 +185,13 @@ def _build(cls: type, data: Any, source: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
+    if hint is float and isinstance(value, str):
+        # PyYAML reads exponents without a dot ("1e-4") as strings; accept any finite number written so
+        with contextlib.suppress(ValueError):
+            value = float(value)
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -186,6 +202,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is dict and isinstance(value, dict):
         return dict(value)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (object,)
+        if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
+            raise ConfigError(f"{where}: expected a list of {item.__name__}, got {value!r}")
+        return list(value)
     if hint in (int, float, bool, str):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value

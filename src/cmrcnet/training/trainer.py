@@ -206,7 +206,8 @@ class Trainer:
         )
         for epoch in range(self.start_epoch, t.epochs):
             row = self._train_epoch(epoch, bar)
-            row.update(broadcast_object(self._validate(), self.dist))  # rank 0's: every process agrees on best
+            # rank 0 validates and shares the result, so every process agrees on the best epoch
+            row.update(broadcast_object(self._validate(), self.dist))
             row["is_best"] = False
             if row["val_loss"] < self.best_val:
                 self.best_val, self.best_epoch, row["is_best"] = row["val_loss"], epoch, True
@@ -265,7 +266,9 @@ class Trainer:
             n_seen += len(local)
             rate = n_seen * d.world_size / max(1e-9, time.perf_counter() - t0)
             bar.set_postfix(
-                epoch=f"{epoch + 1}/{t.epochs}", loss=f"{float(losses['loss'].detach()):.4f}", spots_s=f"{rate:.1f}"
+                epoch=f"{epoch + 1}/{t.epochs}",
+                loss=f"{float(losses['loss'].detach()):.4f}",
+                spots_s=f"{rate:.1f}",
             )
             bar.update(1)
         seconds = time.perf_counter() - t0

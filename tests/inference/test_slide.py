@@ -1,0 +1,312 @@
+"""Whole-slide prediction on generated slides: readers, tissue detection, tile grid, outputs and user errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from cmrcnet.cli import main
+from cmrcnet.data.image import SlideImage
+from cmrcnet.data.prepare import prepare_sample
+from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples
+from cmrcnet.errors import ConfigError
+from cmrcnet.inference.slide import TileGrid, read_tile
+from cmrcnet.inference.slide_reader import PillowReader, TiffReader, open_slide, read_thumbnail
+from cmrcnet.inference.tissue import detect_tissue, otsu_threshold
+from cmrcnet.training.config import load_run_config
+from cmrcnet.training.trainer import train_run
+
+UM_PER_PX = 2.0  # the synthetic slides' pixel size: the tiny run's 112 um field of view is 56 px
+FOV_PX = 112.0 / UM_PER_PX
+W, H = 640, 512  # slide size in pixels
+DISC = (320.0, 256.0, 180.0)  # tissue disc: centre x, y and radius in pixels
+SPECK = (40, 40, 6)  # a 6 x 6 px purple speck (dust) at x, y = 40: far smaller than min_object_um2
+
+
+def draw_slide(width: int = W, height: int = H, *, seed: int = 0, tissue: bool = True) -> np.ndarray:
+    """White glass with a textured pink/purple disc (purple towards the right) and a small dust speck."""
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), 245, dtype=np.float32)  # (H, W, 3)
+    img += rng.normal(0, 2.0, img.shape)
+    if tissue:
+        cx, cy, r = DISC
+        yy, xx = np.mgrid[0:height, 0:width]
+        inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
+        t = np.clip((xx - (cx - r)) / (2 * r), 0, 1)[..., None]  # 0 pink (left) -> 1 purple (right)
+        pink, purple = np.array([235, 150, 190]), np.array([130, 70, 170])
+        colour = (1 - t) * pink + t * purple + rng.normal(0, 12.0, img.shape)
+        img = np.where(inside[..., None], colour, img)
+        x, y, s = SPECK
+        img[y : y + s, x : x + s] = purple
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_pyramid(
+    path: Path, img: np.ndarray, *, um_per_px: float | None = UM_PER_PX, levels: int = 3
+) -> None:
+    """Tiled pyramidal TIFF (SubIFDs, 2x steps) with the pixel size in the resolution tags."""
+    res = {} if um_per_px is None else {"resolution": (1e4 / um_per_px,) * 2, "resolutionunit": "CENTIMETER"}
+    opts = dict(tile=(128, 128), photometric="rgb", compression="zlib")
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img, subifds=levels - 1, **res, **opts)
+        for i in range(1, levels):
+            tw.write(img[:: 2**i, :: 2**i], subfiletype=1, **opts)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny trained run (tiny ViT, 1 epoch) on two synthetic slides with a reference bank."""
+    root = tmp_path_factory.mktemp("slide_run")
+    ds = root / "ds"
+    for s in make_synthetic_samples(
+        SyntheticConfig(n_slides=2, n_patients=1, n_rows=6, n_cols=6, n_genes=30)
+    ):
+        prepare_sample(s, ds, patch_px=32, progress=False)
+    cfg = load_run_config("tiny")
+    cfg.train.epochs = 1
+    train_run(data_dir=ds, train_samples=["synS1", "synS2"], out_dir=root / "run", config=cfg, progress=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def slide_tif(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("slides") / "disc.tif"
+    write_pyramid(path, draw_slide())
+    return path
+
+
+def _predict(run: Path, slide: Path, out: Path, *extra: str) -> int:
+    return main(
+        ["predict-slide", "--model", str(run), "--slide", str(slide), "--out", str(out), "--quiet", *extra]
+    )
+
+
+# --- readers ------------------------------------------------------------------------------------------------
+def test_tiff_pyramid_levels_pixel_size_and_regions(slide_tif: Path) -> None:
+    img = draw_slide()
+    with open_slide(slide_tif) as r:
+        assert r.kind == "tifffile"
+        assert r.level_dimensions == ((W, H), (W // 2, H // 2), (W // 4, H // 4))
+        np.testing.assert_allclose(r.level_downsamples, [1.0, 2.0, 4.0])
+        assert r.pixel_size_um == pytest.approx(UM_PER_PX) and r.pixel_size_source == "TIFF XResolution"
+        np.testing.assert_array_equal(r.read_region(0, 100, 50, 200, 150), img[50:200, 100:300])
+        np.testing.assert_array_equal(r.read_region(1, 10, 20, 30, 40), img[::2, ::2][20:60, 10:40])
+        edge = r.read_region(0, W - 10, -5, 20, 15)  # beyond the right and top edges: white
+        np.testing.assert_array_equal(edge[5:, :10], img[:10, W - 10 :])
+        assert (edge[:5] == 255).all() and (edge[:, 10:] == 255).all()
+    # without zarr, regions are decoded tile by tile from the TIFF segments: same pixels
+    with TiffReader(slide_tif, use_zarr=False) as r:
+        assert r.access_method(0) == "segments"
+        np.testing.assert_array_equal(r.read_region(0, 100, 50, 200, 150), img[50:200, 100:300])
+
+
+def test_planar_tiff_without_zarr_reads_small_levels_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    img = draw_slide(200, 160)
+    planar = np.moveaxis(img, -1, 0)  # (3, H, W): separate colour planes, not decodable segment by segment
+    path = tmp_path / "planar.tif"
+    opts = dict(photometric="rgb", planarconfig="separate", compression="zlib", tile=(64, 64))
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(planar, subifds=1, **opts)
+        tw.write(planar[:, ::2, ::2], subfiletype=1, **opts)
+    with TiffReader(path, use_zarr=False) as r:
+        assert [r.access_method(lv) for lv in (0, 1)] == ["whole", "whole"]
+        np.testing.assert_array_equal(r.read_region(0, 10, 20, 50, 40), img[20:60, 10:60])
+    # a level too large to load whole is not used: the finest readable level is, with a clear error for the other
+    monkeypatch.setattr("cmrcnet.inference.slide_reader.MAX_WHOLE_LEVEL_BYTES", 100 * 80 * 3)
+    with TiffReader(path, use_zarr=False) as r:
+        assert r.readable_levels() == [1] and r.best_level_for_downsample(1.0) == 1
+        with pytest.raises(ConfigError, match="pip install zarr"):
+            r.read_region(0, 0, 0, 10, 10)
+
+
+def test_ome_tiff_and_plain_tiff(tmp_path: Path) -> None:
+    img = draw_slide(200, 160)
+    ome = tmp_path / "s.ome.tif"
+    tifffile.imwrite(ome, img, photometric="rgb", metadata={"axes": "YXS", "PhysicalSizeX": 0.25})
+    with open_slide(ome) as r:
+        assert r.pixel_size_um == pytest.approx(0.25) and r.pixel_size_source == "OME PhysicalSizeX"
+    plain = tmp_path / "plain.tif"  # uncompressed, no resolution: memory-mapped, no pixel size
+    tifffile.imwrite(plain, img, photometric="rgb")
+    with open_slide(plain) as r:
+        assert r.pixel_size_um is None and r.n_levels == 1 and r.access_method(0) == "memmap"
+        np.testing.assert_array_equal(r.read_region(0, 5, 6, 50, 40), img[6:46, 5:55])
+    dpi72 = tmp_path / "dpi72.tif"  # a writer's default 72 dpi is not a microscope resolution
+    tifffile.imwrite(dpi72, img, photometric="rgb", resolution=(72, 72), resolutionunit="INCH")
+    with open_slide(dpi72) as r:
+        assert r.pixel_size_um is None
+
+
+def test_openslide_reader_matches_tifffile(tmp_path: Path) -> None:
+    pytest.importorskip("openslide")
+    img = draw_slide(300, 260)
+    path = tmp_path / "chain.tif"  # levels in the main IFD chain: OpenSlide's generic-tiff layout
+    with tifffile.TiffWriter(path) as tw:
+        opts = dict(tile=(128, 128), photometric="rgb", compression="zlib")
+        tw.write(img, resolution=(1e4 / 0.5,) * 2, resolutionunit="CENTIMETER", **opts)
+        tw.write(img[::2, ::2], subfiletype=1, **opts)
+    with open_slide(path, reader="openslide") as r:
+        assert r.kind == "openslide" and r.n_levels == 2
+        assert r.pixel_size_um == pytest.approx(0.5)
+        np.testing.assert_array_equal(r.read_region(1, 5, 7, 40, 30), img[::2, ::2][7:37, 5:45])
+        assert (r.read_region(0, 290, 0, 20, 5)[:, 10:] == 255).all()  # beyond the edge: white
+
+
+def test_missing_openslide_tells_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    svs = tmp_path / "slide.svs"
+    svs.write_bytes(b"not really a slide")
+    monkeypatch.setitem(sys.modules, "openslide", None)  # import openslide -> ImportError
+    with pytest.raises(ConfigError, match=r'pip install "cmrcnet\[slide\]"'):
+        open_slide(svs)
+
+
+def test_jpeg_levels_by_dct_scaling(tmp_path: Path) -> None:
+    img = draw_slide(400, 300)
+    path = tmp_path / "s.jpg"
+    Image.fromarray(img).save(path, quality=95)
+    with open_slide(path) as r:
+        assert isinstance(r, PillowReader) and r.pixel_size_um is None
+        assert r.level_dimensions == ((400, 300), (200, 150), (100, 75), (50, 38))
+        quarter = r.read_region(2, 0, 0, 100, 75).astype(np.float32)
+        box = np.asarray(Image.fromarray(img).reduce(4), dtype=np.float32)
+        assert np.abs(quarter - box).mean() < 6  # JPEG-decoded at 1/4 is close to a 4x4 box average
+
+
+def test_read_tile_matches_training_patches(slide_tif: Path) -> None:
+    img = draw_slide()
+    reference = SlideImage.from_array(img, "memory://disc.png")
+    with open_slide(slide_tif) as r:
+        for cx, cy in [(300.0, 250.0), (20.5, 500.25)]:
+            np.testing.assert_array_equal(
+                read_tile(r, 0, cx, cy, FOV_PX, 32), reference.read_patch(cx, cy, FOV_PX, 32)[0]
+            )
+
+
+# --- tissue and grid ----------------------------------------------------------------------------------------
+def test_tissue_mask_keeps_the_disc_and_drops_dust(slide_tif: Path) -> None:
+    with open_slide(slide_tif) as r:
+        thumb, ds = read_thumbnail(r, 4.0)
+    assert ds == pytest.approx(4.0) and thumb.shape == (H // 4, W // 4, 3)
+    mask = detect_tissue(thumb, ds, UM_PER_PX)
+    cx, cy, rad = (v / ds for v in DISC)
+    yy, xx = np.mgrid[0 : thumb.shape[0], 0 : thumb.shape[1]]
+    d = np.hypot(xx + 0.5 - cx, yy + 0.5 - cy)
+    assert mask.mask[d < rad - 2].mean() > 0.99 and not mask.mask[d > rad + 2].any()  # speck removed
+    white = detect_tissue(np.full((64, 64, 3), 240, np.uint8), 4.0, UM_PER_PX)
+    assert not white.mask.any()
+
+
+def test_otsu_splits_two_modes() -> None:
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.1, 0.02, 500), rng.normal(0.6, 0.05, 300)]).clip(0, 1)
+    assert 0.2 < otsu_threshold(values) < 0.5
+
+
+def test_grid_covers_the_slide() -> None:
+    g = TileGrid.over(640, 512, 56.0, 56.0)
+    assert (g.n_rows, g.n_cols) == (10, 12)  # ceil((512 - 56) / 56) + 1, ceil((640 - 56) / 56) + 1
+    rows, cols = g.positions()
+    c = g.centers(rows, cols)
+    assert c[0].tolist() == [28.0, 28.0] and c[-1].tolist() == [28.0 + 11 * 56, 28.0 + 9 * 56]
+    assert TileGrid.over(100, 100, 200.0, 50.0).n_rows == 1  # a slide smaller than a tile: one tile
+
+
+# --- predict-slide ------------------------------------------------------------------------------------------
+def test_predict_slide_on_pyramidal_tiff(run: Path, slide_tif: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _predict(run, slide_tif, out, "--threshold", "0.0", "--batch-size", "16") == 0
+    a = ad.read_h5ad(out / "prediction.h5ad")
+    info = a.uns["cmrcnet"]
+    assert (
+        info["pixel_size_um"] == pytest.approx(UM_PER_PX) and info["pixel_size_source"] == "TIFF XResolution"
+    )
+    assert info["fov_px"] == pytest.approx(FOV_PX) and info["step_px"] == pytest.approx(FOV_PX)
+    assert (
+        info["level"] == 0
+    )  # 56 px tiles for a 32 px model input: level 1 (28 px) would have to be enlarged
+    xy = a.obsm["spatial"]
+    # centres on the grid: fov/2 + k * step in full-resolution pixels
+    k = (xy - FOV_PX / 2) / FOV_PX
+    np.testing.assert_allclose(k, np.round(k), atol=1e-9)
+    np.testing.assert_array_equal(np.round(k).astype(int), a.obs[["grid_col", "grid_row"]].to_numpy())
+    # only tissue tiles: inside the disc (at least half of each tile is tissue); every tile well inside is kept
+    d = np.hypot(xy[:, 0] - DISC[0], xy[:, 1] - DISC[1])
+    assert (d < DISC[2] + FOV_PX / 4).all()
+    g = TileGrid.over(W, H, FOV_PX, FOV_PX)
+    all_xy = g.centers(*g.positions())
+    inner = np.hypot(all_xy[:, 0] - DISC[0], all_xy[:, 1] - DISC[1]) + FOV_PX / np.sqrt(2) < DISC[2]
+    assert inner.sum() <= a.n_obs < g.n_rows * g.n_cols
+    assert {tuple(p) for p in all_xy[inner]} <= {tuple(p) for p in xy}
+    assert np.isfinite(a.X).all() and a.n_vars == 30
+    # tumour score from the synthetic tumour markers, thresholded
+    assert list(info["tumour_markers"]) == ["SYN_TUMOR1", "SYN_TUMOR2", "SYN_TUMOR3"]
+    score = a.obs["tumour_score"].to_numpy()
+    assert np.isfinite(score).all() and abs(score.mean()) < 1e-6
+    np.testing.assert_array_equal(a.obs["tumour"].to_numpy(), score >= 0.0)
+    names = {p.name for p in out.iterdir()}
+    expected = {"prediction.h5ad", "tissue_mask.png", "thumbnail.png", "tumour_score.png", "tumour_mask.png"}
+    assert expected <= names and "summary.json" in names
+    heatmaps = sorted(n for n in names if n.startswith("heatmap_"))
+    assert len(heatmaps) == 8  # the synthetic markers the model predicts (at most 8 by default)
+    assert not [n for n in names if n.startswith(".")]  # no temporary files left
+    with Image.open(out / "tissue_mask.png") as m:
+        assert m.mode == "L" and set(np.unique(np.asarray(m)).tolist()) == {0, 255}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_tissue_tiles"] == a.n_obs and summary["tiles_per_second"] > 0
+
+
+def test_overlapping_tiles_with_a_smaller_step(run: Path, slide_tif: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert (
+        _predict(run, slide_tif, out, "--step-um", "56", "--genes", "SYN_TUMOR1", "--markers", "SYN_TUMOR1")
+        == 0
+    )
+    a = ad.read_h5ad(out / "prediction.h5ad")
+    step = FOV_PX / 2
+    assert a.uns["cmrcnet"]["step_px"] == pytest.approx(step)
+    k = (a.obsm["spatial"] - FOV_PX / 2) / step
+    np.testing.assert_allclose(k, np.round(k), atol=1e-9)
+    assert a.n_obs > 3 * 30  # about 4x the tiles of the side-by-side grid
+    assert [p.name for p in out.glob("heatmap_*.png")] == ["heatmap_SYN_TUMOR1.png"]
+
+
+def test_jpeg_and_png_need_pixel_size(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = draw_slide()
+    jpg, png = tmp_path / "disc.jpg", tmp_path / "disc.png"
+    Image.fromarray(img).save(jpg, quality=92)
+    Image.fromarray(img).save(png)
+    assert _predict(run, jpg, tmp_path / "nopx") == 2
+    err = capsys.readouterr().err
+    assert "disc.jpg" in err and "--pixel-size" in err and "Traceback" not in err
+    assert not (tmp_path / "nopx" / "prediction.h5ad").exists()
+    for path in (jpg, png):
+        out = tmp_path / path.suffix[1:]
+        assert _predict(run, path, out, "--pixel-size", str(UM_PER_PX)) == 0
+        a = ad.read_h5ad(out / "prediction.h5ad")
+        assert a.uns["cmrcnet"]["pixel_size_source"] == "user" and a.uns["cmrcnet"]["reader"] == "pillow"
+        d = np.hypot(a.obsm["spatial"][:, 0] - DISC[0], a.obsm["spatial"][:, 1] - DISC[1])
+        assert a.n_obs > 20 and (d < DISC[2] + FOV_PX / 4).all()
+
+
+def test_all_background_slide_is_a_clear_error(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "glass.tif"
+    write_pyramid(path, draw_slide(tissue=False))
+    assert _predict(run, path, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "glass.tif" in err and "no tissue" in err
+    assert not (tmp_path / "out" / "prediction.h5ad").exists()
+
+
+def test_unknown_heatmap_gene_is_refused(run: Path, slide_tif: Path, tmp_path: Path, capsys) -> None:
+    assert _predict(run, slide_tif, tmp_path / "out", "--genes", "NOTAGENE") == 2
+    assert "NOTAGENE" in capsys.readouterr().err

@@ -1,0 +1,136 @@
+"""Batch augmentation (dihedral transforms, colour jitter), the learning-rate schedule and batching."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from cmrcnet.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, images_to_float
+from cmrcnet.training.spots import augment
+from cmrcnet.training.trainer import _batches, lr_at
+
+S = 6  # image side: small, and every pixel distinct so each dihedral variant is recognisable
+
+
+def _distinct_image() -> torch.Tensor:
+    """(S, S, 3) uint8 whose pixels all differ (so no two of the 8 dihedral transforms coincide)."""
+    base = torch.arange(S * S, dtype=torch.uint8).view(S, S)  # (S, S)
+    return torch.stack([base, base + 40, base * 2 + 100], dim=-1)  # (S, S, 3)
+
+
+def _dihedral_variants(image: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 symmetries of the square applied to (S, S, 3)."""
+    out = []
+    for flipped in (image, image.flip(1)):
+        out += [torch.rot90(flipped, k, dims=(0, 1)) for k in range(4)]
+    return out
+
+
+def _random_batch(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, S, S, 3), generator=g, dtype=torch.uint8)  # (n, S, S, 3)
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Undo the normalisation: (B, 3, S, S) float -> (B, S, S, 3) uint8."""
+    m = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    s = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x * s + m).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)  # (B, S, S, 3)
+
+
+def test_no_augmentation_is_plain_normalisation() -> None:
+    images = _random_batch(5)
+    out = augment(images, torch.Generator().manual_seed(0), flips=False, rot90=False)
+    assert out.shape == (5, 3, S, S) and out.dtype == torch.float32
+    torch.testing.assert_close(out, images_to_float(images), rtol=0, atol=1e-6)
+
+
+def test_dihedral_transforms_keep_every_pixel_value() -> None:
+    images = _random_batch(32)
+    before = images.clone()
+    plain = augment(images, torch.Generator(), flips=False, rot90=False)  # (B, 3, S, S)
+    out = augment(images, torch.Generator().manual_seed(1), flips=True, rot90=True)
+    assert torch.equal(images, before)  # the input is not modified
+    assert not torch.equal(out, plain)  # something moved
+    # per image and channel, the same multiset of values: only positions change
+    sorted_out = out.flatten(2).sort(dim=-1).values  # (B, 3, S*S)
+    sorted_plain = plain.flatten(2).sort(dim=-1).values  # (B, 3, S*S)
+    assert torch.equal(sorted_out, sorted_plain)
+
+
+@pytest.mark.parametrize(
+    ("flips", "rot90", "expected"),
+    [
+        (True, True, set(range(8))),
+        (True, False, {0, 2, 4, 6}),  # identity, rot180, and the two axis flips
+        (False, True, {0, 1, 2, 3}),  # the four rotations
+        (False, False, {0}),
+    ],
+)
+def test_all_dihedral_variants_appear(flips: bool, rot90: bool, expected: set[int]) -> None:
+    image = _distinct_image()
+    variants = _dihedral_variants(image)
+    assert len({v.numpy().tobytes() for v in variants}) == 8
+    batch = image.expand(400, S, S, 3).contiguous()  # (400, S, S, 3)
+    out = _to_uint8(augment(batch, torch.Generator().manual_seed(0), flips=flips, rot90=rot90))
+    seen = Counter()
+    for img in out:
+        matches = [i for i, v in enumerate(variants) if torch.equal(img, v)]
+        assert len(matches) == 1, "an output is not a dihedral transform of the input"
+        seen[matches[0]] += 1
+    assert set(seen) == expected
+    for count in seen.values():  # roughly uniform: 400 / len(expected) each
+        assert count > 0.5 * 400 / len(expected)
+
+
+def test_same_seed_same_output_other_seed_differs() -> None:
+    images = _random_batch(16)
+    kwargs = dict(flips=True, rot90=True, color_jitter=0.2)
+    a = augment(images, torch.Generator().manual_seed(7), **kwargs)
+    b = augment(images, torch.Generator().manual_seed(7), **kwargs)
+    c = augment(images, torch.Generator().manual_seed(8), **kwargs)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_color_jitter_stays_in_the_colour_range() -> None:
+    images = torch.cat([_random_batch(30), torch.zeros(1, S, S, 3, dtype=torch.uint8)])
+    images[-1] = 255  # a white patch
+    out = augment(images, torch.Generator().manual_seed(0), flips=False, rot90=False, color_jitter=1.0)
+    back = out * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    assert back.min() >= -1e-6 and back.max() <= 1 + 1e-6
+    assert not torch.allclose(out, images_to_float(images))
+
+
+# --------------------------------------------------------------------------------------- learning rate
+def test_lr_warmup_rises_linearly_to_the_peak() -> None:
+    lrs = [lr_at(s, total=100, warmup=10, lr=1e-3, min_lr=1e-5) for s in range(10)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1e-3)
+    assert all(b - a == pytest.approx(1e-4) for a, b in itertools.pairwise(lrs))
+
+
+def test_lr_cosine_endpoints_and_midpoint() -> None:
+    def at(step: int, warmup: int = 10) -> float:
+        return lr_at(step, total=110, warmup=warmup, lr=1e-3, min_lr=1e-5)
+
+    assert at(10) == pytest.approx(1e-3)  # the peak right after warm-up
+    assert at(60) == pytest.approx((1e-3 + 1e-5) / 2)  # half-way down the cosine
+    assert at(110) == pytest.approx(1e-5) and at(500) == pytest.approx(1e-5)  # floor, also past the end
+    steps = [at(s) for s in range(10, 111)]
+    assert all(b <= a for a, b in itertools.pairwise(steps))
+    assert at(0, warmup=0) == pytest.approx(1e-3)  # no warm-up: start at the peak
+    assert lr_at(0, total=1, warmup=0, lr=1e-3, min_lr=0.0) == pytest.approx(1e-3)
+    assert not math.isnan(lr_at(5, total=5, warmup=5, lr=1e-3, min_lr=0.0))
+
+
+# --------------------------------------------------------------------------------------- batches
+def test_batches_are_full_and_a_permutation() -> None:
+    g = torch.Generator().manual_seed(0)
+    batches = _batches(23, 8, g, shuffle=True)
+    assert [len(b) for b in batches] == [8, 8]  # the incomplete tail is dropped
+    assert len(set(torch.cat(batches).tolist())) == 16
+    assert [b.tolist() for b in _batches(5, 8, g, shuffle=False)] == [[0, 1, 2, 3, 4]]  # n < batch: one batch
