@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -212,8 +213,9 @@ def _run_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         command=" ".join(["cmrcnet", *sys.argv[1:]]),
     )
-    print(f"run folder: {result.run_dir}")
-    print(f"best validation loss {result.best_val_loss:.4f} at epoch {result.best_epoch + 1}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only the first process reports
+        print(f"run folder: {result.run_dir}")
+        print(f"best validation loss {result.best_val_loss:.4f} at epoch {result.best_epoch + 1}")
     return 0
 
 

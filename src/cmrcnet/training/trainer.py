@@ -82,11 +82,14 @@ def lr_at(step: int, *, total: int, warmup: int, lr: float, min_lr: float) -> fl
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _batches(n: int, batch: int, generator: torch.Generator, *, shuffle: bool) -> list[torch.Tensor]:
-    """Index batches of equal size `batch` (the incomplete tail is dropped) or one batch if n < batch."""
+def _batches(
+    n: int, batch: int, generator: torch.Generator, *, shuffle: bool, multiple: int = 1
+) -> list[torch.Tensor]:
+    """Index batches of equal size `batch` (the incomplete tail is dropped), or one batch of all n when n < batch,
+    cut to a multiple of `multiple` so every process gets an equal share (the embedding gather needs it)."""
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     if n <= batch:
-        return [order]
+        return [order[: n - n % multiple]]
     return [order[i : i + batch] for i in range(0, n - batch + 1, batch)]
 
 
@@ -233,7 +236,9 @@ class Trainer:
         torch.manual_seed(_mix(t.seed, epoch, d.rank, 1))  # dropout + masking stream of this epoch/process
         shuffle_gen = torch.Generator().manual_seed(_mix(t.seed, epoch, 0, 2))  # same order on every process
         aug_gen = torch.Generator().manual_seed(_mix(t.seed, epoch, d.rank, 3))
-        batches = _batches(len(self.train_set), t.batch_size, shuffle_gen, shuffle=True)
+        batches = _batches(
+            len(self.train_set), t.batch_size, shuffle_gen, shuffle=True, multiple=d.world_size * t.grad_accum
+        )
         sums: dict[str, float] = {}
         n_seen, t0 = 0, time.perf_counter()
         for batch in batches:
@@ -272,9 +277,15 @@ class Trainer:
             )
             bar.update(1)
         seconds = time.perf_counter() - t0
+        n_total = n_seen * d.world_size
+        if d.enabled:  # losses over the whole global batch, not just this process's share
+            totals = torch.tensor([float(n_seen), *sums.values()], dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            n_total = int(totals[0])
+            sums = dict(zip(sums, totals[1:].tolist(), strict=True))
         row = {"epoch": epoch + 1, "lr": lr, "seconds": round(seconds, 3)}
-        row.update({f"train_{k}": v / max(1, n_seen) for k, v in sums.items()})
-        row["spots_per_s"] = n_seen * d.world_size / max(1e-9, seconds)
+        row.update({f"train_{k}": v / max(1, n_total) for k, v in sums.items()})
+        row["spots_per_s"] = n_total / max(1e-9, seconds)
         return row
 
     def _forward(self, idx: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -409,6 +420,8 @@ def train_run(
             config = saved
     config.validate()
 
+    common_fov(dataset, train_samples)  # checked on every process, so a mismatch stops them all
+
     # genes: training samples only (strict) or the paper's union over all samples
     if ckpt is not None:
         gene_list = GeneList.from_dict(json.loads((run_dir / GENES_FILE).read_text()))
@@ -508,6 +521,14 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return stale
 
 
+def common_fov(dataset: PreparedDataset, samples: list[str]) -> float:
+    """The field of view (um) shared by all samples' patches; different fields of view are an error."""
+    fovs = {round(float(dataset.metadata(s)["fov_um"]), 6) for s in samples}
+    if len(fovs) > 1:
+        raise ConfigError(f"training samples were prepared with different fields of view {sorted(fovs)} um")
+    return fovs.pop()
+
+
 def write_run_files(
     run_dir: Path,
     *,
@@ -522,10 +543,7 @@ def write_run_files(
 ) -> None:
     """Everything about a run except weights and metrics, written before the first epoch."""
     metas = {s: dataset.metadata(s) for s in train_samples}
-    fovs = {round(float(m["fov_um"]), 6) for m in metas.values()}
     sizes = {int(m["patch_px"]) for m in metas.values()}
-    if len(fovs) > 1:
-        raise ConfigError(f"training samples were prepared with different fields of view {sorted(fovs)} um")
     write_text(run_dir / CONFIG_FILE, config.to_yaml())
     write_json(run_dir / MODEL_FILE, mcfg.to_dict())
     write_json(run_dir / GENES_FILE, gene_list.to_dict())
@@ -554,7 +572,7 @@ def write_run_files(
             "data_dir": str(dataset.root.resolve()),
             "train_samples": train_samples,
             "patients": {s: m.get("patient") for s, m in metas.items()},
-            "fov_um": fovs.pop(),
+            "fov_um": common_fov(dataset, train_samples),
             "patch_px": sorted(sizes),
             "synthetic": any(m.get("synthetic") for m in metas.values()),
             "gene_mode": gene_list.mode,
