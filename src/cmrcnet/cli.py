@@ -135,13 +135,16 @@ def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     p.add_argument("--out", type=Path, required=True, help="output folder for the demo")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--slides", type=_positive_int, default=4, help="number of synthetic slides (default 4)")
+    p.add_argument("--epochs", type=_positive_int, default=8, help="training epochs (default 8)")
     p.set_defaults(handler=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from cmrcnet.demo import run_demo
 
-    report = run_demo(args.out, seed=args.seed, n_slides=args.slides, progress=not args.quiet)
+    report = run_demo(
+        args.out, seed=args.seed, n_slides=args.slides, epochs=args.epochs, progress=not args.quiet
+    )
     print("\n".join(report))
     return 0
 
