@@ -50,3 +50,60 @@ def make_sample(
     return Sample(
         sample_id, a, img, pixel_size_um, "user", pid, "unknown", {"counts": f"memory://{sample_id}"}
     )
+
+
+def write_10x_h5(path: Path, counts: np.ndarray, barcodes: list[str], genes: list[str]) -> Path:
+    """A 10x feature-barcode matrix (genes x barcodes CSC under /matrix, Space Ranger's layout)."""
+    import h5py
+
+    m = sp.csc_matrix(np.asarray(counts).T)  # (n_genes, n_barcodes)
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g["data"] = m.data.astype(np.int32)
+        g["indices"] = m.indices.astype(np.int64)
+        g["indptr"] = m.indptr.astype(np.int64)
+        g["shape"] = np.array(m.shape, dtype=np.int32)
+        g["barcodes"] = np.array([b.encode() for b in barcodes])
+        fg = g.create_group("features")
+        fg["name"] = np.array([n.encode() for n in genes])
+        fg["id"] = np.array([f"ENSG{i:05d}".encode() for i in range(len(genes))])
+        fg["feature_type"] = np.array([b"Gene Expression"] * len(genes))
+    return path
+
+
+def write_visium_outs(
+    root: Path, *, n_rows: int = 4, n_cols: int = 8, n_genes: int = 5, um_per_px: float = 1.0
+) -> Path:
+    """A tiny Space Ranger `outs/` folder: hexagonal grid, matrix .h5, tissue_positions.csv, scale factors and
+    a hires PNG (scale 0.5)."""
+    import json
+    import math
+
+    import pandas as pd
+    from PIL import Image
+
+    rows, cols = np.mgrid[0:n_rows, 0:n_cols]
+    keep = (rows + cols) % 2 == 0
+    rows, cols = rows[keep], cols[keep]
+    pitch_px = 100.0 / um_per_px
+    barcodes = [f"AAAC{i:04d}-1" for i in range(len(rows))]
+    x = 60.0 + cols * pitch_px / 2.0
+    y = 60.0 + rows * pitch_px * math.sqrt(3.0) / 2.0
+    (root / "spatial").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(
+        {
+            "barcode": barcodes,
+            "in_tissue": 1,
+            "array_row": rows,
+            "array_col": cols,
+            "pxl_row_in_fullres": np.round(y).astype(int),
+            "pxl_col_in_fullres": np.round(x).astype(int),
+        }
+    ).to_csv(root / "spatial" / "tissue_positions.csv", index=False)
+    counts = np.random.default_rng(0).poisson(3.0, size=(len(rows), n_genes)) + 1
+    write_10x_h5(root / "filtered_feature_bc_matrix.h5", counts, barcodes, [f"G{i}" for i in range(n_genes)])
+    factors = {"spot_diameter_fullres": 65.0 / um_per_px, "tissue_hires_scalef": 0.5, "tissue_lowres_scalef": 0.1}
+    (root / "spatial" / "scalefactors_json.json").write_text(json.dumps(factors))
+    w, h = int((x.max() + 60) * 0.5), int((y.max() + 60) * 0.5)
+    Image.new("RGB", (w, h), (220, 180, 200)).save(root / "spatial" / "tissue_hires_image.png")
+    return root

@@ -48,6 +48,7 @@ def run_demo(
         sample = read_sample(
             "st", input=raw, sample_id=sid, patient_id=patient, pixel_size_um=cfg.pixel_size_um
         )
+        sample.technology = "synthetic"  # ST layout on disk, synthetic content: labels every output SYNTHETIC
         summary = prepare_sample(sample, dataset, progress=progress)
         lines.append(
             f"2. prepared {sid} (patient {patient}): {summary.n_spots} spots, {summary.n_genes} genes"

@@ -149,6 +149,11 @@ def load_run_config(spec: str | Path) -> RunConfig:
             raise ConfigError(f"{path}: unknown preset {preset!r}; choose one of {list(presets)}")
         base = presets[preset] if preset is not None else RunConfig()
         cfg = _build(RunConfig, _merge(base.to_dict(), data), str(path))
+        try:
+            cfg.validate()
+        except ConfigError as exc:  # name the file the bad value came from
+            raise ConfigError(exc.problem, path=path) from exc
+        return cfg
     cfg.validate()
     return cfg
 
