@@ -1,7 +1,7 @@
 """Whole-slide prediction on her2st C2 compared with its measured spots (ERBB2 and the breast markers).
 
     python benchmarks/her2st_slide.py --data PREPARED_DIR --run RUN_DIR [--sample C2] [--image C2.jpg]
-        [--step-um UM] [--batch-size 64] [--precision bf16] [--device cpu] [--workdir DIR]
+        [--step-um UM] [--min-tissue 0.5] [--batch-size 64] [--precision bf16] [--device cpu] [--workdir DIR]
 
 Intended experiment: train on C3-C6 (`cmrcnet train --train-samples C3,C4,C5,C6`), build the bank from them, then
 run this script, which
@@ -59,6 +59,9 @@ def main() -> None:
     ap.add_argument("--sample", default="C2", help="sample to predict (default C2)")
     ap.add_argument("--image", type=Path, help="full-resolution image (default: from the sample's metadata)")
     ap.add_argument("--step-um", type=float, help="grid step (default: the model's field of view)")
+    ap.add_argument(
+        "--min-tissue", type=float, default=0.5, help="tissue fraction a tile needs (default 0.5)"
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"])
     ap.add_argument("--device", default="cpu")
@@ -83,6 +86,7 @@ def main() -> None:
             pixel_size_um=pixel_size,
             step_um=args.step_um,
             sample_id=args.sample,
+            min_tissue=args.min_tissue,
             batch_size=args.batch_size,
             precision=args.precision,
             device=args.device,

@@ -465,7 +465,7 @@ def slide_all_background(env: Env) -> Case:
     Image.new("RGB", (400, 300), (245, 245, 245)).save(slide)
     out = env.tmp / "slide_out"
     argv = ["predict-slide", "--model", str(run), "--slide", str(slide), "--pixel-size", "2", "--out", str(out)]
-    return Case(argv, "no tissue found", slide.name, [out / "prediction.h5ad"])
+    return Case(argv, "no tissue found", slide.name, [out])
 
 
 def slide_unknown_pixel_size(env: Env) -> Case:
@@ -474,7 +474,7 @@ def slide_unknown_pixel_size(env: Env) -> Case:
     Image.new("RGB", (400, 300), (200, 120, 170)).save(slide)
     out = env.tmp / "slide_out"
     argv = ["predict-slide", "--model", str(run), "--slide", str(slide), "--out", str(out)]
-    return Case(argv, "--pixel-size", slide.name, [out / "prediction.h5ad"])
+    return Case(argv, "--pixel-size", slide.name, [out])
 
 
 CASES: list[Callable[[Env], Case]] = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -16,8 +17,9 @@ class CmrcnetError(Exception):
 
     def __init__(self, message: str, *, path: str | Path | None = None) -> None:
         self.path = None if path is None else Path(path)
-        self.problem = message
-        super().__init__(f"{self.path}: {message}" if self.path is not None else message)
+        # one line, even when it quotes a library's multi-line message (YAML, pandas, h5py)
+        self.problem = re.sub(r"\s*\n\s*", " ", str(message).strip())
+        super().__init__(f"{self.path}: {self.problem}" if self.path is not None else self.problem)
 
 
 class InputFileError(CmrcnetError):

@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from cmrcnet.data.genes import GeneList
-from cmrcnet.errors import CheckpointError, InputFileError, require_dir
+from cmrcnet.errors import CheckpointError, ConfigError, InputFileError, require_dir
 from cmrcnet.models import build_model
 from cmrcnet.models.config import ModelConfig
 from cmrcnet.models.model import CMRCNet
 from cmrcnet.training.checkpoint import load_checkpoint
 from cmrcnet.training.config import RunConfig
-from cmrcnet.training.run_layout import BEST_CKPT, CONFIG_FILE, GENES_FILE, LAST_CKPT, RUN_FILE
+from cmrcnet.training.run_layout import BEST_CKPT, CONFIG_FILE, GENES_FILE, LAST_CKPT, MODEL_FILE, RUN_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +57,23 @@ def load_trained_model(
             "not a cmrcnet run folder (no config.yaml); train one with `cmrcnet train`", path=run_dir
         )
     data = load_checkpoint_for_run(run_dir, checkpoint)
+    ckpt_path = run_dir / data["_file"]
     try:
         mcfg = ModelConfig.from_dict(dict(data["model_config"]))
-        rcfg = RunConfig.from_dict(dict(data["run_config"]), source=str(run_dir / CONFIG_FILE))
+        rcfg = RunConfig.from_dict(dict(data["run_config"]), source=str(ckpt_path))
+        ema = rcfg.train.use_ema if use_ema is None else use_ema
+        state = data["ema"] if ema else data["model"]
+        epoch = int(data["epoch"])
     except KeyError as exc:
-        raise CheckpointError(f"checkpoint lacks {exc}", path=run_dir / (checkpoint or BEST_CKPT)) from exc
-    ema = rcfg.train.use_ema if use_ema is None else use_ema
-    state = data["ema"] if ema else data["model"]
+        raise CheckpointError(f"checkpoint lacks {exc}", path=ckpt_path) from exc
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint holds an invalid config ({exc})", path=ckpt_path) from exc
+    _check_same_model(mcfg, run_dir / MODEL_FILE, ckpt_path)
     model = build_model(mcfg)
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"weights do not fit the stored model config ({exc})", path=run_dir) from exc
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"weights do not fit the stored model config ({exc})", path=ckpt_path) from exc
     model.to(device).eval()
     genes_path = run_dir / GENES_FILE
     try:
@@ -90,9 +95,30 @@ def load_trained_model(
         run_dir,
         data["_file"],
         "ema" if ema else "model",
-        int(data["epoch"]) + 1,
+        epoch + 1,
         info,
     )
+
+
+def _check_same_model(mcfg: ModelConfig, model_json: Path, ckpt_path: Path) -> None:
+    """A checkpoint copied in from another run (another model size, method or gene count) is refused."""
+    if not model_json.is_file():  # runs written before model.json existed
+        return
+    try:
+        saved = ModelConfig.from_dict(json.loads(model_json.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError, ConfigError, TypeError) as exc:
+        raise InputFileError(f"cannot read the run's model config ({exc})", path=model_json) from exc
+    if saved != mcfg:
+        differ = [
+            f"{k}={getattr(mcfg, k)!r} (model.json: {getattr(saved, k)!r})"
+            for k in mcfg.to_dict()
+            if getattr(mcfg, k) != getattr(saved, k)
+        ]
+        raise CheckpointError(
+            f"checkpoint does not match the run's model.json ({', '.join(differ[:4])}); was it copied from "
+            "another run?",
+            path=ckpt_path,
+        )
 
 
 def load_checkpoint_for_run(run_dir: Path, checkpoint: str | None) -> dict:
@@ -100,8 +126,13 @@ def load_checkpoint_for_run(run_dir: Path, checkpoint: str | None) -> dict:
     if checkpoint is None:
         import yaml
 
-        select = (yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")) or {}).get("train", {})
-        checkpoint = LAST_CKPT if select.get("select") == "last" else BEST_CKPT
+        try:
+            saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise InputFileError("cannot read the run's config", path=run_dir / CONFIG_FILE) from exc
+        train = saved.get("train") if isinstance(saved, dict) else None
+        select = train.get("select") if isinstance(train, dict) else None
+        checkpoint = LAST_CKPT if select == "last" else BEST_CKPT
         if not (run_dir / checkpoint).exists() and (run_dir / LAST_CKPT).exists():
             checkpoint = LAST_CKPT
     data = load_checkpoint(run_dir / checkpoint)

@@ -60,7 +60,7 @@ SUMMARY_FILE = "summary.json"
 HEATMAP_PREFIX = "heatmap_"  # heatmap_<gene>.png
 
 THUMB_PX_PER_TILE = 8  # thumbnail pixels along a tile side (tissue-mask resolution)
-THUMB_MAX_SIDE = 4096  # thumbnail never larger than this (memory and figure size)
+THUMB_MAX_SIDE = 2048  # thumbnail never larger than this (memory and figure size)
 DEFAULT_MIN_TISSUE = 0.5  # fraction of a tile's area that must be tissue
 MAX_DEFAULT_MAPS = 8  # heatmaps drawn by default (markers present in the model's genes)
 N_FALLBACK_MAPS = 4  # ... else this many first genes

@@ -9,6 +9,7 @@ saturation histogram is only noise) from being split into "tissue" and "glass".
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -39,7 +40,7 @@ class TissueMask:
 
     mask: np.ndarray  # (h, w) bool, True = tissue
     downsample: float  # full-resolution pixels per mask pixel
-    threshold: float  # saturation threshold applied (max of Otsu and the floor)
+    threshold: float  # saturation threshold applied (max of Otsu and the floor), tissue is above it
     otsu: float  # the Otsu threshold before the floor
 
     @property
@@ -74,34 +75,42 @@ class TissueMask:
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
-    """HSV saturation (max - min) / max of (h, w, 3) uint8 RGB, in [0, 1]; 0 for black pixels."""
-    x = rgb.astype(np.float32)
-    hi, lo = x.max(axis=2), x.min(axis=2)  # (h, w) each
-    return np.divide(hi - lo, hi, out=np.zeros_like(hi), where=hi > 0)
+    """HSV saturation (max - min) / max of (h, w, 3) uint8 RGB as uint8 0..255 (255 = 1.0); 0 for black.
+
+    Kept in uint8 (one byte per pixel) so a large thumbnail costs little memory.
+    """
+    hi, lo = rgb.max(axis=2), rgb.min(axis=2)  # (h, w) uint8 each
+    spread = (hi - lo).astype(np.uint16) * 255  # (h, w)
+    return (spread // np.maximum(hi, 1)).astype(np.uint8)
+
+
+def _otsu_index(hist: np.ndarray) -> int:
+    """Last bin of the lower class by Otsu's criterion (max between-class variance) on a histogram.
+
+    The criterion is flat across an empty gap between two classes: the middle of that plateau is taken.
+    """
+    p = hist.astype(np.float64) / max(float(hist.sum()), 1.0)
+    idx = np.arange(len(p), dtype=np.float64)
+    w0 = np.cumsum(p)  # weight of the lower class with the cut after bin i
+    m0 = np.cumsum(p * idx)
+    w1 = 1.0 - w0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (m0[-1] * w0 - m0) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = -1.0
+    top = float(between.max())
+    if top <= 0:  # a single populated bin: nothing to separate
+        return int(np.argmax(hist))
+    plateau = np.flatnonzero(between >= top)
+    return (int(plateau[0]) + int(plateau[-1])) // 2
 
 
 def otsu_threshold(values: np.ndarray, *, bins: int = 256) -> float:
-    """Otsu's threshold (max between-class variance) of values in [0, 1]; values above it form the upper class."""
+    """Otsu's threshold of values in [0, 1]: values above it form the upper class."""
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size == 0:
         return 0.0
     hist, edges = np.histogram(v, bins=bins, range=(0.0, 1.0))
-    p = hist / hist.sum()
-    centres = (edges[:-1] + edges[1:]) / 2.0
-    w0 = np.cumsum(p)  # weight of the lower class with cut after bin i
-    m0 = np.cumsum(p * centres)
-    mt = m0[-1]
-    w1 = 1.0 - w0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (mt * w0 - m0) ** 2 / (w0 * w1)
-    between[~np.isfinite(between)] = -1.0
-    top = float(between.max())
-    if top <= 0:  # a single populated bin: nothing to separate
-        return float(edges[min(int(np.argmax(hist)) + 1, bins)])
-    # the criterion is flat across an empty gap between the classes: take the middle of the plateau
-    plateau = np.flatnonzero(between >= top)
-    best = (int(plateau[0]) + int(plateau[-1])) // 2
-    return float(edges[best + 1])
+    return float(edges[_otsu_index(hist) + 1])
 
 
 def detect_tissue(
@@ -119,22 +128,23 @@ def detect_tissue(
         config: thresholds; default `TissueConfig()`.
     """
     cfg = config or TissueConfig()
-    sat = saturation(thumb)  # (h, w)
+    sat = saturation(thumb)  # (h, w) uint8
     if cfg.smooth_px > 1:
         sat = ndimage.median_filter(sat, size=cfg.smooth_px, mode="nearest")
-    otsu = otsu_threshold(sat)
-    threshold = max(otsu, cfg.min_saturation)
-    mask = sat > threshold
+    otsu = _otsu_index(np.bincount(sat.ravel(), minlength=256))  # in saturation units of 1/255
+    cut = max(otsu, math.floor(cfg.min_saturation * 255))
+    mask = sat > cut
     um2_per_px = (downsample * pixel_size_um) ** 2
     mask = _remove_small(mask, cfg.min_object_um2 / um2_per_px)
     mask = ~_remove_small(~mask, cfg.min_hole_um2 / um2_per_px, keep_border=True)
+    threshold, otsu_f = (cut + 0.5) / 255.0, (otsu + 0.5) / 255.0
     logger.info(
         "tissue: saturation threshold %.3f (Otsu %.3f), %.1f%% of the slide",
         threshold,
-        otsu,
+        otsu_f,
         100.0 * float(mask.mean()),
     )
-    return TissueMask(mask, float(downsample), float(threshold), float(otsu))
+    return TissueMask(mask, float(downsample), float(threshold), float(otsu_f))
 
 
 def _remove_small(mask: np.ndarray, min_px: float, *, keep_border: bool = False) -> np.ndarray:

@@ -18,6 +18,7 @@ from cmrcnet.atomic import atomic_path
 from cmrcnet.plotting.maps import _pyplot, _save
 
 _FIG_IN = 6.5  # width of a slide map figure, inches
+_MAX_DRAWN_PX = 800  # a larger thumbnail is reduced by an integer factor before drawing
 
 
 def tile_raster(
@@ -67,6 +68,10 @@ def plot_tile_map(
     from matplotlib.colors import ListedColormap
 
     grid = tile_raster(rows, cols, values, n_rows, n_cols)
+    factor = -(-max(thumb.shape[:2]) // _MAX_DRAWN_PX)
+    if factor > 1:  # a figure shows ~800 px: drawing a larger thumbnail only costs memory
+        thumb = np.asarray(Image.fromarray(thumb).reduce(factor))
+        thumb_downsample *= factor
     h, w = thumb.shape[:2]
     half = step_px / 2.0
     extent = (

@@ -141,7 +141,7 @@ def load_run_config(spec: str | Path) -> RunConfig:
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise InputFileError(f"invalid YAML ({exc})", path=path) from exc
+            raise InputFileError(f"invalid YAML ({_yaml_problem(exc)})", path=path) from exc
         if not isinstance(data, dict):
             raise InputFileError("config must be a YAML mapping", path=path)
         preset = data.pop("preset", None)
@@ -156,6 +156,15 @@ def load_run_config(spec: str | Path) -> RunConfig:
         return cfg
     cfg.validate()
     return cfg
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """PyYAML's multi-line message as "line L, column C: problem"."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return str(exc)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def _merge(base: dict, over: dict) -> dict:

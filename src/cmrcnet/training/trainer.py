@@ -408,7 +408,7 @@ def train_run(
     if (run_dir / CONFIG_FILE).exists():
         if not resume:
             raise ConfigError(
-                f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out"
+                "already holds a run; pass --resume to continue it, or choose another --out", path=run_dir
             )
         if info.is_main:
             remove_stale_temporaries(run_dir)

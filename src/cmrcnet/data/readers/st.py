@@ -244,9 +244,10 @@ def _read_selection(path: Path) -> pd.DataFrame:
         values = pd.to_numeric(sel[c], errors="coerce")
         if values.isna().any():
             row = int(np.flatnonzero(values.isna().to_numpy())[0])
+            value = sel[c].iloc[row]
+            shown = "empty" if pd.isna(value) else repr(str(value))
             raise InputFileError(
-                f"column {c!r} has a missing or non-numeric value in data row {row + 1}: {sel[c].iloc[row]!r}",
-                path=path,
+                f"column {c!r} has a missing or non-numeric value in data row {row + 1}: {shown}", path=path
             )
         sel[c] = values
     if "selected" in sel.columns:
