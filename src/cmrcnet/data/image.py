@@ -28,7 +28,8 @@ _MAX_PIXELS = 4_000_000_000
 
 
 @contextlib.contextmanager
-def _large_images_allowed() -> Iterator[None]:
+def large_images_allowed() -> Iterator[None]:
+    """Lift PIL's decompression-bomb limit (to 4e9 pixels) while opening an image the user named."""
     old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = _MAX_PIXELS
     try:
@@ -134,7 +135,7 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
         h, w = _tiff_hw(shape, path)
         return w, h
     try:
-        with _large_images_allowed(), Image.open(path) as im:
+        with large_images_allowed(), Image.open(path) as im:
             return im.size
     except Exception as exc:
         raise InputFileError(f"cannot read image ({exc})", path=path) from exc
@@ -150,7 +151,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
             arr = tifffile.imread(path, level=0) if _is_pyramid(path) else tifffile.imread(path)
             arr = _to_rgb_uint8(np.asarray(arr), path)
         else:
-            with _large_images_allowed(), Image.open(path) as im:
+            with large_images_allowed(), Image.open(path) as im:
                 im.load()
                 arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except InputFileError:

@@ -22,13 +22,11 @@ Back ends:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import re
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from cmrcnet.constants import PAD_VALUE
+from cmrcnet.data.image import large_images_allowed
 from cmrcnet.errors import ConfigError, InputFileError, require_file
 
 logger = logging.getLogger(__name__)
@@ -52,8 +51,6 @@ MAX_WHOLE_LEVEL_BYTES = 512 * 2**20
 SEGMENT_CACHE_BYTES = 16 * 2**20
 # Pixel sizes outside this range are not from a microscope: TIFF writers default to 72 dpi (352.8 um/px).
 PLAUSIBLE_PIXEL_SIZE_UM = (0.01, 100.0)
-# Whole H&E sections exceed PIL's decompression-bomb guard; lifted only while opening the user's slide.
-_MAX_PIXELS = 4_000_000_000
 _JPEG_SCALES = (1, 2, 4, 8)  # libjpeg's DCT scaling factors used by Image.draft
 _UNIT_TO_UM = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "μm": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 _OPENSLIDE_HINT = 'reading this slide needs OpenSlide: pip install "cmrcnet[slide]"'
@@ -473,16 +470,6 @@ def _ome_physical_size_x(xml: str) -> float | None:
 
 
 # --- Pillow -------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _large_images_allowed() -> Iterator[None]:
-    old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = _MAX_PIXELS
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
-
-
 class PillowReader(SlideReader):
     """JPEG and PNG through Pillow: decoded whole, one level in memory at a time; no pixel-size metadata.
 
@@ -495,7 +482,7 @@ class PillowReader(SlideReader):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         try:
-            with _large_images_allowed(), Image.open(path) as im:
+            with large_images_allowed(), Image.open(path) as im:
                 width, height = im.size
                 is_jpeg = im.format == "JPEG"
         except Exception as exc:  # truncated or corrupt files raise OSError, ValueError, SyntaxError, ...
@@ -512,7 +499,7 @@ class PillowReader(SlideReader):
         width, height = self.level_dimensions[0]
         scale = self._scales[level]
         try:
-            with _large_images_allowed(), Image.open(self.path) as im:
+            with large_images_allowed(), Image.open(self.path) as im:
                 if scale > 1:
                     im.draft("RGB", (width // scale, height // scale))
                 arr = np.asarray(im.convert("RGB"), dtype=np.uint8)  # (h, w, 3)
