@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from cmrcnet import __version__
 from cmrcnet.atomic import atomic_path
-from cmrcnet.constants import SAMPLE_KEY, SPATIAL_KEY
+from cmrcnet.constants import CMRCNET_UNS, SAMPLE_KEY, SPATIAL_KEY
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.errors import ConfigError
 from cmrcnet.inference.bank import Bank, load_bank
@@ -91,6 +91,38 @@ def predict_from_embeddings(
     return preds
 
 
+def prediction_provenance(
+    trained: TrainedModel,
+    bank: Bank | None,
+    *,
+    kind: str,
+    k: int,
+    weighting: str,
+    backend: str,
+    run_dir: str | Path,
+) -> dict:
+    """What made a prediction, for `uns["cmrcnet"]` of every prediction file (spots or slide tiles)."""
+    retrieval = bank is not None
+    return {
+        "kind": kind,
+        "values": "log1p(library-size normalised expression)",
+        "method": trained.model_config.method,
+        "run_dir": str(Path(run_dir).resolve()),
+        "checkpoint": trained.checkpoint,
+        "weights": trained.weights,
+        "epoch": trained.epoch,
+        "train_samples": list(trained.run_info.get("train_samples", [])),
+        "bank_samples": list(bank.samples) if retrieval else [],
+        "gene_mode": trained.gene_mode,
+        "target_sum": float(trained.run_config.genes.target_sum),
+        "k": int(k) if retrieval else 0,
+        "weighting": weighting if retrieval else "none",
+        "backend": backend if retrieval else "none",
+        "synthetic": bool(trained.run_info.get("synthetic", False)),
+        "cmrcnet_version": __version__,
+    }
+
+
 def predict_samples(
     run_dir: str | Path,
     data_dir: str | Path,
@@ -150,24 +182,11 @@ def predict_samples(
     adata.obs[SAMPLE_KEY] = pd.Categorical(table.sample_ids)
     adata.obs["barcode"] = table.barcodes
     adata.obsm[SPATIAL_KEY] = table.coords
-    adata.uns["cmrcnet"] = {
-        "kind": "prediction",
-        "values": "log1p(library-size normalised expression)",
-        "method": trained.model_config.method,
-        "run_dir": str(Path(run_dir).resolve()),
-        "checkpoint": trained.checkpoint,
-        "weights": trained.weights,
-        "epoch": trained.epoch,
-        "train_samples": list(trained.run_info.get("train_samples", [])),
-        "bank_samples": [] if bank is None else list(bank.samples),
-        "gene_mode": trained.gene_mode,
-        "target_sum": float(rcfg.genes.target_sum),
-        "k": int(k) if bank is not None else 0,
-        "weighting": weighting if bank is not None else "none",
-        "backend": backend if bank is not None else "none",
-        "synthetic": bool(trained.run_info.get("synthetic", False)),
+    adata.uns[CMRCNET_UNS] = {
+        **prediction_provenance(
+            trained, bank, kind="prediction", k=k, weighting=weighting, backend=backend, run_dir=run_dir
+        ),
         "data_dir": str(dataset.root.resolve()),
-        "cmrcnet_version": __version__,
     }
     with atomic_path(out_path) as tmp:
         adata.write_h5ad(tmp)

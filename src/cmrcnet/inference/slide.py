@@ -36,7 +36,6 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cmrcnet import __version__
 from cmrcnet.atomic import atomic_path, write_json
 from cmrcnet.constants import CMRCNET_UNS, SAMPLE_KEY, SPATIAL_KEY
 from cmrcnet.errors import ConfigError, InputFileError
@@ -44,7 +43,7 @@ from cmrcnet.evaluation.localisation import SCORE_KEY, TUMOUR_KEY, tumour_score
 from cmrcnet.evaluation.markers import default_markers, default_tumour_markers
 from cmrcnet.inference.bank import Bank, load_bank
 from cmrcnet.inference.model_io import TrainedModel, load_trained_model
-from cmrcnet.inference.predict import embed_patches, predict_from_embeddings
+from cmrcnet.inference.predict import embed_patches, predict_from_embeddings, prediction_provenance
 from cmrcnet.inference.slide_reader import SlideReader, open_slide, read_thumbnail
 from cmrcnet.inference.tissue import TissueConfig, TissueMask, detect_tissue
 from cmrcnet.training.spots import resize_uint8
@@ -362,21 +361,9 @@ def predict_slide(
         "reader": reader_kind,
     }
     adata.uns[CMRCNET_UNS] = {
-        "kind": "slide_prediction",
-        "values": "log1p(library-size normalised expression)",
-        "method": trained.model_config.method,
-        "run_dir": str(Path(model).resolve()),
-        "checkpoint": trained.checkpoint,
-        "weights": trained.weights,
-        "epoch": trained.epoch,
-        "train_samples": list(trained.run_info.get("train_samples", [])),
-        "bank_samples": [] if bank is None else list(bank.samples),
-        "gene_mode": trained.gene_mode,
-        "target_sum": float(rcfg.genes.target_sum),
-        "k": int(k) if bank is not None else 0,
-        "weighting": weighting if bank is not None else "none",
-        "backend": "exact" if bank is not None else "none",
-        "synthetic": bool(trained.run_info.get("synthetic", False)),
+        **prediction_provenance(
+            trained, bank, kind="slide_prediction", k=k, weighting=weighting, backend="exact", run_dir=model
+        ),
         "slide": str(Path(slide_path).resolve()),
         "sample_id": sample_id,
         "reader": reader_kind,
@@ -395,7 +382,6 @@ def predict_slide(
         "tissue": {**(tissue or TissueConfig()).to_dict(), "threshold": mask.threshold, "otsu": mask.otsu},
         "tumour_markers": used_markers,
         "tumour_threshold": float("nan") if threshold is None else float(threshold),
-        "cmrcnet_version": __version__,
     }
 
     files = _write_outputs(
