@@ -102,7 +102,11 @@ def write_visium_outs(
     ).to_csv(root / "spatial" / "tissue_positions.csv", index=False)
     counts = np.random.default_rng(0).poisson(3.0, size=(len(rows), n_genes)) + 1
     write_10x_h5(root / "filtered_feature_bc_matrix.h5", counts, barcodes, [f"G{i}" for i in range(n_genes)])
-    factors = {"spot_diameter_fullres": 65.0 / um_per_px, "tissue_hires_scalef": 0.5, "tissue_lowres_scalef": 0.1}
+    factors = {
+        "spot_diameter_fullres": 65.0 / um_per_px,
+        "tissue_hires_scalef": 0.5,
+        "tissue_lowres_scalef": 0.1,
+    }
     (root / "spatial" / "scalefactors_json.json").write_text(json.dumps(factors))
     w, h = int((x.max() + 60) * 0.5), int((y.max() + 60) * 0.5)
     Image.new("RGB", (w, h), (220, 180, 200)).save(root / "spatial" / "tissue_hires_image.png")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,8 +21,11 @@ import torch
 from PIL import Image
 
 from cmrcnet.cli import main
+from cmrcnet.data import hdf5
 from cmrcnet.data.prepare import prepare_sample
 from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples, write_synthetic_raw
+from cmrcnet.models import build_model
+from cmrcnet.models.config import ModelConfig
 from cmrcnet.training.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from cmrcnet.training.config import load_run_config
 from cmrcnet.training.trainer import train_run
@@ -33,6 +37,12 @@ N_DROPPED_GENES = 3  # model genes removed from the "fewGenes" sample
 
 
 # --- fixtures -----------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def short_hdf5_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung libhdf5 is given up on after 3 s here instead of 30 s (the files are tiny)."""
+    monkeypatch.setattr(hdf5, "PROBE_SECONDS", 3.0)
+
+
 @pytest.fixture(scope="module")
 def raw_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A her2st-style folder (counts/, spots/, images/) with one synthetic section synS1 (4 x 4 spots)."""
@@ -120,12 +130,10 @@ def _st_case(env: Env, message: str, file: str | None, *extra: str) -> Case:
     return Case(argv, message, file, [out])
 
 
-def _h5ad(env: Env, name: str = "sample.h5ad", **uns: object) -> Path:
-    s = make_sample("h5", n_rows=4, n_cols=6)
-    a = s.counts.copy()
-    a.uns.update(uns)
-    path = env.tmp / name
-    a.write_h5ad(path)
+def _h5ad(env: Env) -> Path:
+    """A valid spatial .h5ad (raw counts, obsm["spatial"]) without pixel size or technology."""
+    path = env.tmp / "sample.h5ad"
+    make_sample("h5", n_rows=4, n_cols=6).counts.write_h5ad(path)
     return path
 
 
@@ -138,13 +146,34 @@ def _predict(env: Env, *extra: str, samples: str = "synS3") -> tuple[list[str], 
     ds, run = env.trained()
     out = env.tmp / "pred.h5ad"
     out.write_bytes(b"previous prediction")  # a failed predict must leave it as it was
-    return ["predict", "--model", str(run), "--data", str(ds), "--samples", samples, "--out", str(out), *extra], out
+    return [
+        "predict",
+        "--model",
+        str(run),
+        "--data",
+        str(ds),
+        "--samples",
+        samples,
+        "--out",
+        str(out),
+        *extra,
+    ], out
 
 
 def _train(env: Env, *extra: str, out: Path | None = None) -> tuple[list[str], Path]:
     ds, _ = env.trained()
     out = env.tmp / "newrun" if out is None else out
-    argv = ["train", "--data", str(ds), "--train-samples", "synS1,synS2", "--out", str(out), "--config", "tiny"]
+    argv = [
+        "train",
+        "--data",
+        str(ds),
+        "--train-samples",
+        "synS1,synS2",
+        "--out",
+        str(out),
+        "--config",
+        "tiny",
+    ]
     return [*argv, *extra], out
 
 
@@ -168,13 +197,29 @@ class _TouchOnUnpickle:
 def st_missing_counts(env: Env) -> Case:
     counts = env.tmp / "absent_counts.tsv"
     spots = env.raw() / "spots" / f"{SID}_selection.tsv"
-    return _st_case(env, "ST counts table not found", counts.name, "--counts", str(counts), "--spots", str(spots))
+    return _st_case(
+        env, "ST counts table not found", counts.name, "--counts", str(counts), "--spots", str(spots)
+    )
 
 
 def st_missing_spots(env: Env) -> Case:
     spots = env.tmp / "absent_selection.tsv"
     counts = _counts_path(env)
-    return _st_case(env, "ST spot selection table not found", spots.name, "--counts", str(counts), "--spots", str(spots))
+    return _st_case(
+        env, "ST spot selection table not found", spots.name, "--counts", str(counts), "--spots", str(spots)
+    )
+
+
+def st_counts_missing_from_folder(env: Env) -> Case:
+    _counts_path(env).unlink()
+    return _st_case(env, f"no counts table for section '{SID}' (expected counts/{SID}.tsv.gz", "raw")
+
+
+def st_no_input_given(env: Env) -> Case:
+    out = env.tmp / "prepared"
+    return Case(
+        ["prepare", "--format", "st", "--out", str(out)], "--format st needs --input DIR", None, [out]
+    )
 
 
 def st_missing_image(env: Env) -> Case:
@@ -182,7 +227,9 @@ def st_missing_image(env: Env) -> Case:
 
 
 def st_missing_input_folder(env: Env) -> Case:
-    return _st_case(env, "ST data folder not found", "no_such_folder", "--input", str(env.tmp / "no_such_folder"))
+    return _st_case(
+        env, "ST data folder not found", "no_such_folder", "--input", str(env.tmp / "no_such_folder")
+    )
 
 
 def st_truncated_counts(env: Env) -> Case:
@@ -201,7 +248,7 @@ def st_truncated_selection(env: Env) -> Case:
     path = env.raw() / "spots" / f"{SID}_selection.tsv"
     text = path.read_text()
     path.write_text(text[: len(text) // 2 - 3])  # cut mid-row: the last row misses columns
-    return _st_case(env, "missing or non-numeric value", path.name)
+    return _st_case(env, "has a missing, non-numeric or infinite value in data row", path.name)
 
 
 def st_corrupt_png(env: Env) -> Case:
@@ -264,6 +311,19 @@ def anndata_truncated(env: Env) -> Case:
     return Case([*argv, "--out", str(out)], "cannot read AnnData file", path.name, [out])
 
 
+def anndata_zeroed_string_heap(env: Env) -> Case:
+    """Zeros over HDF5's heap of variable-length strings: libhdf5 itself would loop forever reading it."""
+    path = _h5ad(env)
+    data = bytearray(path.read_bytes())
+    heap = data.find(b"GCOL")  # signature of a global heap collection
+    assert heap > 0
+    data[heap + 16 : heap + 272] = bytes(256)
+    path.write_bytes(bytes(data))
+    out = env.tmp / "prepared"
+    argv = ["prepare", "--format", "anndata", "--input", str(path), "--sample-id", "a", "--pixel-size", "1"]
+    return Case([*argv, "--out", str(out)], "corrupt AnnData file: libhdf5 did not finish", path.name, [out])
+
+
 def anndata_unknown_pixel_size(env: Env) -> Case:
     path = _h5ad(env)
     out = env.tmp / "prepared"
@@ -290,6 +350,20 @@ def visium_truncated_h5(env: Env) -> Case:
     return Case(
         ["prepare", "--format", "visium", "--input", str(outs), "--out", str(out)],
         "cannot read 10x HDF5 matrix",
+        h5.name,
+        [out],
+    )
+
+
+def visium_matrix_index_out_of_range(env: Env) -> Case:
+    outs = write_visium_outs(env.tmp / "outs")
+    h5 = outs / "filtered_feature_bc_matrix.h5"
+    with h5py.File(h5, "r+") as f:
+        f["matrix/indices"][3] = 10**6  # a gene index far past the 5 genes (scipy would write out of bounds)
+    out = env.tmp / "prepared"
+    return Case(
+        ["prepare", "--format", "visium", "--input", str(outs), "--out", str(out)],
+        "corrupt sparse 10x matrix",
         h5.name,
         [out],
     )
@@ -339,7 +413,17 @@ def train_interrupted_prepare(env: Env) -> Case:
 def train_unknown_sample(env: Env) -> Case:
     ds, _ = env.trained()
     out = env.tmp / "newrun"
-    argv = ["train", "--data", str(ds), "--train-samples", "synS1,nope", "--out", str(out), "--config", "tiny"]
+    argv = [
+        "train",
+        "--data",
+        str(ds),
+        "--train-samples",
+        "synS1,nope",
+        "--out",
+        str(out),
+        "--config",
+        "tiny",
+    ]
     return Case(argv, "samples ['nope'] are not in this dataset", ds.name, [out])
 
 
@@ -347,6 +431,11 @@ def train_missing_dataset(env: Env) -> Case:
     out = env.tmp / "newrun"
     argv = ["train", "--data", str(env.tmp / "nowhere"), "--train-samples", "a", "--out", str(out)]
     return Case(argv, "prepared dataset folder not found", "nowhere", [out])
+
+
+def config_missing_file(env: Env) -> Case:
+    argv, out = _train(env, "--config", str(env.tmp / "absent.yaml"))
+    return Case(argv, "config is neither a preset", "absent.yaml", [out])
 
 
 def config_negative_lr(env: Env) -> Case:
@@ -397,9 +486,6 @@ def predict_checkpoint_of_other_model_size(env: Env) -> Case:
     data = load_checkpoint(best)
     data["model_config"] = {**data["model_config"], "width": 64, "heads": 4, "encoder": "custom"}
     torch.manual_seed(0)
-    from cmrcnet.models import build_model
-    from cmrcnet.models.config import ModelConfig
-
     other = build_model(ModelConfig.from_dict(data["model_config"]))
     data["model"] = data["ema"] = other.state_dict()  # a self-consistent checkpoint of a wider model
     save_checkpoint(best, {k: v for k, v in data.items() if k not in ("format", "cmrcnet_version")})
@@ -425,6 +511,22 @@ def predict_malicious_checkpoint(env: Env) -> Case:
 def predict_unknown_sample(env: Env) -> Case:
     argv, out = _predict(env, samples="synS9")
     return Case(argv, "samples ['synS9'] are not in this dataset", "ds", [out])
+
+
+def predict_missing_run_folder(env: Env) -> Case:
+    out = env.tmp / "pred.h5ad"
+    argv = [
+        "predict",
+        "--model",
+        str(env.tmp / "norun"),
+        "--data",
+        str(env.tmp),
+        "--samples",
+        "a",
+        "--out",
+        str(out),
+    ]
+    return Case(argv, "run folder not found", "norun", [out])
 
 
 def predict_not_a_run_folder(env: Env) -> Case:
@@ -464,7 +566,17 @@ def slide_all_background(env: Env) -> Case:
     slide = env.tmp / "glass.png"
     Image.new("RGB", (400, 300), (245, 245, 245)).save(slide)
     out = env.tmp / "slide_out"
-    argv = ["predict-slide", "--model", str(run), "--slide", str(slide), "--pixel-size", "2", "--out", str(out)]
+    argv = [
+        "predict-slide",
+        "--model",
+        str(run),
+        "--slide",
+        str(slide),
+        "--pixel-size",
+        "2",
+        "--out",
+        str(out),
+    ]
     return Case(argv, "no tissue found", slide.name, [out])
 
 
@@ -480,6 +592,8 @@ def slide_unknown_pixel_size(env: Env) -> Case:
 CASES: list[Callable[[Env], Case]] = [
     st_missing_counts,
     st_missing_spots,
+    st_counts_missing_from_folder,
+    st_no_input_given,
     st_missing_image,
     st_missing_input_folder,
     st_truncated_counts,
@@ -494,15 +608,18 @@ CASES: list[Callable[[Env], Case]] = [
     st_negative_counts,
     st_all_spots_zero,
     anndata_truncated,
+    anndata_zeroed_string_heap,
     anndata_unknown_pixel_size,
     anndata_normalised_only,
     visium_truncated_h5,
+    visium_matrix_index_out_of_range,
     visium_bad_positions,
     hest_missing_metadata,
     train_truncated_h5ad_in_dataset,
     train_interrupted_prepare,
     train_unknown_sample,
     train_missing_dataset,
+    config_missing_file,
     config_negative_lr,
     config_img_size_not_divisible,
     config_unknown_key,
@@ -514,6 +631,7 @@ CASES: list[Callable[[Env], Case]] = [
     predict_checkpoint_without_weights,
     predict_malicious_checkpoint,
     predict_unknown_sample,
+    predict_missing_run_folder,
     predict_not_a_run_folder,
     predict_truncated_patches,
     bank_add_missing_genes,
@@ -564,7 +682,9 @@ def test_debug_shows_the_traceback(tmp_path: Path, request: pytest.FixtureReques
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("cmrcnet prepare: error: ")
 
 
-def test_zero_count_spots_are_dropped_and_reported(tmp_path: Path, request: pytest.FixtureRequest, capsys) -> None:
+def test_zero_count_spots_are_dropped_and_reported(
+    tmp_path: Path, request: pytest.FixtureRequest, capsys
+) -> None:
     env = Env(tmp_path, request)
     df = _read_counts(env)
     df.iloc[[0, 5]] = 0
@@ -585,7 +705,9 @@ def test_failed_prepare_keeps_the_previous_version(tmp_path: Path, request: pyte
     assert _snapshot(out) == before
 
 
-def test_bank_add_allow_missing_genes_fills_and_reports(tmp_path: Path, request: pytest.FixtureRequest, capsys) -> None:
+def test_bank_add_allow_missing_genes_fills_and_reports(
+    tmp_path: Path, request: pytest.FixtureRequest, capsys
+) -> None:
     ds, run = Env(tmp_path, request).trained()
     genes = json.loads((run / "genes.json").read_text())["genes"]
     argv = ["bank", "add", "--model", str(run), "--data", str(ds), "--samples", "fewGenes"]

@@ -7,11 +7,12 @@ instead of one line naming the file. Examples are derandomized, so a CI run test
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import multiprocessing
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cmrcnet.constants import SPATIAL_KEY
+from cmrcnet.data import hdf5
 from cmrcnet.data.readers import read_10x_h5, read_anndata, read_st, read_visium
 from cmrcnet.data.sample import Sample
 from cmrcnet.errors import CmrcnetError
@@ -41,9 +43,24 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 SECONDS_PER_CALL = 10  # a reader that takes longer on a tiny file is stuck
+PROBE_SECONDS = 2  # time limit of cmrcnet.data.hdf5's probe here (its files are tiny)
 
 # --- mutations ----------------------------------------------------------------------------------------------
-NUMBER_REPLACEMENTS = ["NaN", "nan", "inf", "-inf", "-1", "-7.5", "1e308", "1e999", "abc", "", "0", "2.5", "x1"]
+NUMBER_REPLACEMENTS = [
+    "NaN",
+    "nan",
+    "inf",
+    "-inf",
+    "-1",
+    "-7.5",
+    "1e308",
+    "1e999",
+    "abc",
+    "",
+    "0",
+    "2.5",
+    "x1",
+]
 JUNK_LINES = ["", "\t", "#comment", "junk", "1x1\t3\t4", "a,b,c", "\x00\x01", "9\t9\t9\t9\t9\t9\t9", "é,ü"]
 
 _text_op = st.one_of(
@@ -51,7 +68,9 @@ _text_op = st.one_of(
     st.tuples(st.just("insert_line"), st.integers(0, 10_000), st.sampled_from(JUNK_LINES)),
     st.tuples(st.just("delete_line"), st.integers(0, 10_000)),
     st.tuples(st.just("duplicate_line"), st.integers(0, 10_000)),
-    st.tuples(st.just("swap_separator"), st.sampled_from([("\t", ","), (",", "\t"), ("\t", " "), (",", ";")])),
+    st.tuples(
+        st.just("swap_separator"), st.sampled_from([("\t", ","), (",", "\t"), ("\t", " "), (",", ";")])
+    ),
     st.tuples(st.just("flip"), st.integers(0, 10_000), st.integers(1, 255)),
     st.tuples(st.just("truncate"), st.floats(0.0, 1.0)),
 )
@@ -175,6 +194,52 @@ def check_valid(sample: Sample | None) -> None:
         assert (xy[:, 0] <= w + 1).all() and (xy[:, 1] <= h + 1).all()
 
 
+def _child(conn, reader, args, kwargs) -> None:
+    try:
+        check_valid(read_or_clean_error(reader, *args, **kwargs))
+        conn.send(("ok", ""))
+    except BaseException:
+        conn.send(("bug", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def read_in_child(reader, *args, **kwargs) -> None:
+    """`check_valid(read_or_clean_error(...))` in a forked process killed after SECONDS_PER_CALL.
+
+    For HDF5 inputs: libhdf5 can loop forever inside C code on some corrupted files (h5py issue #2088), where
+    SIGALRM never gets to run. The readers guard against that (`cmrcnet.data.hdf5.probe_hdf5`); a separate
+    process here keeps the test bounded even if a hang or a crash slips past the guard, and names it.
+    """
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs fork() to bound a reader stuck in C code")
+    ctx = multiprocessing.get_context("fork")
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(sender, reader, args, kwargs))
+    proc.start()
+    sender.close()
+    try:
+        if not receiver.poll(SECONDS_PER_CALL):
+            proc.kill()
+            pytest.fail(f"{reader.__name__} ran for more than {SECONDS_PER_CALL} s")
+        try:
+            status, detail = receiver.recv()
+        except EOFError:
+            proc.join()
+            pytest.fail(f"{reader.__name__} crashed the process (exit code {proc.exitcode})")
+    finally:
+        proc.join()
+        receiver.close()
+    assert status == "ok", detail
+
+
+class Originals(dict):
+    """The valid input files by name; a short repr keeps Hypothesis' failure reports readable."""
+
+    def __repr__(self) -> str:
+        return f"Originals({sorted(self)})"
+
+
 # --- valid inputs -------------------------------------------------------------------------------------------
 def st_tables() -> tuple[bytes, bytes]:
     """A 5 x 4 ST section: counts TSV (spots x 6 genes) and its selection TSV; 100 px pitch, 1 um/px."""
@@ -212,19 +277,21 @@ def small_h5ad(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def originals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+def originals(tmp_path_factory: pytest.TempPathFactory) -> Originals:
     root = tmp_path_factory.mktemp("fuzz_originals")
     counts, spots = st_tables()
     outs = write_visium_outs(root / "outs")
-    return {
-        "counts": counts,
-        "spots": spots,
-        "positions": (outs / "spatial" / "tissue_positions.csv").read_bytes(),
-        "scalefactors": (outs / "spatial" / "scalefactors_json.json").read_bytes(),
-        "h5": (outs / "filtered_feature_bc_matrix.h5").read_bytes(),
-        "hires": (outs / "spatial" / "tissue_hires_image.png").read_bytes(),
-        "h5ad": small_h5ad(root / "a.h5ad").read_bytes(),
-    }
+    return Originals(
+        {
+            "counts": counts,
+            "spots": spots,
+            "positions": (outs / "spatial" / "tissue_positions.csv").read_bytes(),
+            "scalefactors": (outs / "spatial" / "scalefactors_json.json").read_bytes(),
+            "h5": (outs / "filtered_feature_bc_matrix.h5").read_bytes(),
+            "hires": (outs / "spatial" / "tissue_hires_image.png").read_bytes(),
+            "h5ad": small_h5ad(root / "a.h5ad").read_bytes(),
+        }
+    )
 
 
 def test_unmutated_inputs_read(originals: dict[str, bytes], tmp_path: Path) -> None:
@@ -277,7 +344,9 @@ def test_fuzz_visium_positions_and_scalefactors(
     (outs / "spatial").mkdir(parents=True, exist_ok=True)
     (outs / "filtered_feature_bc_matrix.h5").write_bytes(originals["h5"])
     (outs / "spatial" / "tissue_hires_image.png").write_bytes(originals["hires"])
-    (outs / "spatial" / "tissue_positions.csv").write_bytes(mutate_text(originals["positions"], positions_ops))
+    (outs / "spatial" / "tissue_positions.csv").write_bytes(
+        mutate_text(originals["positions"], positions_ops)
+    )
     factors = mutate_text(originals["scalefactors"].replace(b", ", b",\n"), scalefactor_ops)
     (outs / "spatial" / "scalefactors_json.json").write_bytes(factors)
     check_valid(read_or_clean_error(read_visium, outs, pixel_size_um=pixel_size))
@@ -285,7 +354,8 @@ def test_fuzz_visium_positions_and_scalefactors(
 
 @FUZZ
 @given(ops=st.lists(_binary_op, min_size=1, max_size=4))
-def test_fuzz_10x_h5_bytes(originals, tmp_path, ops) -> None:
+def test_fuzz_10x_h5_bytes(originals, tmp_path, monkeypatch, ops) -> None:
+    monkeypatch.setattr(hdf5, "PROBE_SECONDS", PROBE_SECONDS)
     outs = tmp_path / "outs"
     (outs / "spatial").mkdir(parents=True, exist_ok=True)
     for name in ("positions", "scalefactors", "hires"):
@@ -296,15 +366,16 @@ def test_fuzz_10x_h5_bytes(originals, tmp_path, ops) -> None:
         }[name]
         (outs / "spatial" / target).write_bytes(originals[name])
     (outs / "filtered_feature_bc_matrix.h5").write_bytes(mutate_binary(originals["h5"], ops))
-    check_valid(read_or_clean_error(read_visium, outs))
+    read_in_child(read_visium, outs)
 
 
 @FUZZ
 @given(ops=st.lists(_binary_op, min_size=1, max_size=4), technology=st.sampled_from(["visium", "unknown"]))
-def test_fuzz_h5ad_bytes(originals, tmp_path, ops, technology) -> None:
+def test_fuzz_h5ad_bytes(originals, tmp_path, monkeypatch, ops, technology) -> None:
+    monkeypatch.setattr(hdf5, "PROBE_SECONDS", PROBE_SECONDS)
     path = tmp_path / "a.h5ad"
     path.write_bytes(mutate_binary(originals["h5ad"], ops))
-    check_valid(read_or_clean_error(read_anndata, path, technology=technology, pixel_size_um=None))
+    read_in_child(read_anndata, path, technology=technology)
 
 
 _BAD_VALUES = st.sampled_from([np.nan, np.inf, -np.inf, -1.0, 0.5, 1e30, 0.0])
@@ -324,6 +395,10 @@ _content_op = st.one_of(
     st.tuples(st.just("dense_int_x")),
     st.tuples(st.just("counts_layer_only")),
 )
+# applied last: helpers above would crash on a matrix whose indices point outside it
+_corrupt_index_op = st.none() | st.tuples(
+    st.just("sparse_index"), st.integers(0, 1000), st.sampled_from([-1, 5, 10**6])
+)
 
 
 def _apply_content(a: ad.AnnData, op: tuple) -> ad.AnnData:
@@ -332,7 +407,7 @@ def _apply_content(a: ad.AnnData, op: tuple) -> ad.AnnData:
     if kind == "x_value" and x.size:
         x.flat[op[1] % x.size] = op[2]
         a.X = sp.csr_matrix(x)
-    elif kind == "coord_value" and a.n_obs:
+    elif kind == "coord_value" and SPATIAL_KEY in a.obsm and np.size(a.obsm[SPATIAL_KEY]):
         xy = np.asarray(a.obsm[SPATIAL_KEY], dtype=np.float64).copy()
         xy.flat[op[1] % xy.size] = op[2]
         a.obsm[SPATIAL_KEY] = xy
@@ -340,7 +415,7 @@ def _apply_content(a: ad.AnnData, op: tuple) -> ad.AnnData:
         a.obsm[SPATIAL_KEY] = np.zeros((a.n_obs, *op[1]))
     elif kind == "drop_coords" and SPATIAL_KEY in a.obsm:
         del a.obsm[SPATIAL_KEY]
-    elif kind == "coords_in_obs" and SPATIAL_KEY in a.obsm:
+    elif kind == "coords_in_obs" and SPATIAL_KEY in a.obsm and np.size(a.obsm[SPATIAL_KEY]):
         xy = np.asarray(a.obsm.pop(SPATIAL_KEY), dtype=np.float64).reshape(a.n_obs, -1)
         a.obs["pxl_col_in_fullres"], a.obs["pxl_row_in_fullres"] = xy[:, 0], xy[:, -1]
     elif kind == "duplicate_spot" and a.n_obs > 1:
@@ -365,6 +440,10 @@ def _apply_content(a: ad.AnnData, op: tuple) -> ad.AnnData:
         a.uns["spatial"] = {"lib": {"scalefactors": {"spot_diameter_fullres": op[1]}}}
     elif kind == "dense_int_x":
         a.X = x.astype(np.int64) if np.isfinite(x).all() else x
+    elif kind == "sparse_index" and sp.issparse(a.X) and a.X.nnz:
+        x = a.X.tocsr().copy()
+        x.indices[op[1] % x.nnz] = a.n_vars + op[2] if op[2] >= 0 else -1  # out of range: a corrupt file
+        a.X = x
     elif kind == "counts_layer_only":
         a.layers["counts"] = a.X.copy()
         a.X = sp.csr_matrix(np.log1p(x) + 0.01)
@@ -372,20 +451,24 @@ def _apply_content(a: ad.AnnData, op: tuple) -> ad.AnnData:
 
 
 @FUZZ
-@given(ops=st.lists(_content_op, min_size=1, max_size=3), technology=st.sampled_from(["visium", "unknown"]))
-def test_fuzz_h5ad_content(originals, tmp_path, ops, technology) -> None:
+@given(
+    ops=st.lists(_content_op, min_size=1, max_size=3),
+    corrupt=_corrupt_index_op,
+    technology=st.sampled_from(["visium", "unknown"]),
+)
+def test_fuzz_h5ad_content(originals, tmp_path, ops, corrupt, technology) -> None:
     """Well-formed HDF5 holding bad content: what a careless writer (or another tool) may produce."""
     src = tmp_path / "src.h5ad"
     src.write_bytes(originals["h5ad"])
     a = ad.read_h5ad(src)
-    for op in ops:
+    for op in [*ops, *([corrupt] if corrupt else [])]:
         a = _apply_content(a, op)
     path = tmp_path / "a.h5ad"
     try:
         a.write_h5ad(path)
     except Exception:  # anndata refuses to write some of these objects; nothing to read then
         return
-    check_valid(read_or_clean_error(read_anndata, path, technology=technology))
+    read_in_child(read_anndata, path, technology=technology)
 
 
 def test_mutations_change_the_input() -> None:

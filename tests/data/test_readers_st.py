@@ -219,7 +219,7 @@ def test_malformed_tables(tmp_path):
     with pytest.raises(InputFileError, match=r"lacks columns \['pixel_y'\]"):
         read_st_dir(tmp_path, sample_id="A1")
     write_st_dir(tmp_path, counts=counts, selection=selection.assign(pixel_x="?"))
-    with pytest.raises(InputFileError, match="column 'pixel_x' has a missing or non-numeric value"):
+    with pytest.raises(InputFileError, match="column 'pixel_x' has a missing, non-numeric or infinite value"):
         read_st_dir(tmp_path, sample_id="A1")
     with gzip.open(paths(tmp_path)["counts"], "wt") as fh:
         fh.write("just one line without tabs\n1x1\n")

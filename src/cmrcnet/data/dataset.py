@@ -27,8 +27,9 @@ from PIL import Image
 from cmrcnet import __version__
 from cmrcnet.atomic import commit, discard, stage, write_json
 from cmrcnet.constants import IMAGE_DIR, METADATA_DIR, PATCHES_DIR, SPATIAL_KEY, ST_DIR
+from cmrcnet.data.hdf5 import probe_hdf5
 from cmrcnet.data.patches import PatchSet
-from cmrcnet.data.sample import Sample
+from cmrcnet.data.sample import Sample, check_sparse
 from cmrcnet.errors import InputFileError, require_dir
 
 logger = logging.getLogger(__name__)
@@ -197,11 +198,13 @@ class PreparedDataset:
         path = self.counts_path(sample_id)
         if not path.is_file():
             raise InputFileError(f"counts of sample {sample_id!r} missing", path=path)
+        probe_hdf5(path, "prepared counts file")
         try:
             adata = ad.read_h5ad(path)
         except Exception as exc:  # h5py/anndata raise OSError, KeyError, ValueError on corrupt files
             raise InputFileError(f"cannot read h5ad ({type(exc).__name__}: {exc})", path=path) from exc
-        stamp = adata.uns.get("cmrcnet", {}).get("content_id")
+        info = adata.uns.get("cmrcnet")
+        stamp = info.get("content_id") if isinstance(info, dict) else None
         if stamp != meta.get("content_id"):
             raise InputFileError(
                 f"counts do not match metadata/{sample_id}.json (interrupted prepare?); run prepare again",
@@ -209,6 +212,7 @@ class PreparedDataset:
             )
         if SPATIAL_KEY not in adata.obsm:
             raise InputFileError(f'no obsm["{SPATIAL_KEY}"]', path=path)
+        check_sparse(adata.X, path=path)
         return adata
 
     def read_patches(self, sample_id: str) -> SamplePatches:
@@ -219,6 +223,7 @@ class PreparedDataset:
             raise InputFileError(f"sample {sample_id!r} is expression-only (no image, no patches)", path=path)
         if not path.is_file():
             raise InputFileError(f"patches of sample {sample_id!r} missing", path=path)
+        probe_hdf5(path, "prepared patch file")
         try:
             with h5py.File(path, "r") as f:
                 if f.attrs.get("content_id") != meta.get("content_id"):

@@ -93,6 +93,20 @@ def finalize_counts(adata: ad.AnnData, *, sample_id: str, patient_id: str, path:
     return adata
 
 
+def check_sparse(x: object, *, path: str | Path, what: str = "count matrix") -> None:
+    """Raise InputFileError if sparse `x` has inconsistent index arrays (a corrupt file).
+
+    scipy trusts the index arrays it is given: out-of-range indices in a CSR/CSC matrix read from a damaged file
+    make later slicing write outside its buffers and crash the process. Dense arrays pass unchecked.
+    """
+    if not sp.issparse(x):
+        return
+    try:
+        x.check_format(full_check=True)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise InputFileError(f"corrupt sparse {what} ({exc})", path=path) from exc
+
+
 def check_coords_inside_image(sample: Sample, *, path: str | Path, tolerance_px: float = 1.0) -> None:
     """Raise if spot centres fall outside the image (usually a wrong image or wrong scale factor)."""
     if sample.image is None:

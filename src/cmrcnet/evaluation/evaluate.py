@@ -38,6 +38,8 @@ from cmrcnet.atomic import atomic_path, write_json, write_text
 from cmrcnet.constants import CMRCNET_UNS, SAMPLE_KEY, SPATIAL_KEY
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.genes import GeneSelectionConfig, expression_matrix, normalized_dispersion
+from cmrcnet.data.hdf5 import probe_hdf5
+from cmrcnet.data.sample import check_sparse
 from cmrcnet.errors import ConfigError, InputFileError, require_file
 from cmrcnet.evaluation.markers import default_markers
 from cmrcnet.evaluation.metrics import DEFAULT_EPS, evaluate_arrays, top_expressed_genes
@@ -86,6 +88,7 @@ def _plain(value: Any) -> Any:
 def read_prediction(pred_path: str | Path) -> tuple[ad.AnnData, dict[str, Any]]:
     """Read and check a PRED.h5ad; return it and its provenance (uns["cmrcnet"]) as plain Python."""
     path = require_file(pred_path, "prediction file")
+    probe_hdf5(path, "prediction file")
     try:
         pred = ad.read_h5ad(path)
     except Exception as exc:  # h5py/anndata raise OSError, KeyError, ValueError on corrupt files
@@ -114,6 +117,7 @@ def read_prediction(pred_path: str | Path) -> tuple[ad.AnnData, dict[str, Any]]:
         raise InputFileError(f"empty prediction ({pred.n_obs} spots x {pred.n_vars} genes)", path=path)
     if not pred.var_names.is_unique:
         raise InputFileError("duplicated gene names in the prediction", path=path)
+    check_sparse(pred.X, path=path, what="prediction matrix")
     x = _dense(pred.X)
     if not np.isfinite(x).all():
         raise InputFileError(

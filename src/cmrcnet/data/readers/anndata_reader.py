@@ -18,10 +18,17 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cmrcnet.constants import CMRCNET_UNS, SPATIAL_KEY, SPOT_PITCH_UM
+from cmrcnet.data.hdf5 import probe_hdf5
 from cmrcnet.data.image import SlideImage
 from cmrcnet.data.pixel_size import GridKind, resolve_pixel_size
 from cmrcnet.data.readers.visium import SPACERANGER_SPOT_DIAMETER_UM
-from cmrcnet.data.sample import Sample, Technology, check_coords_inside_image, finalize_counts
+from cmrcnet.data.sample import (
+    Sample,
+    Technology,
+    check_coords_inside_image,
+    check_sparse,
+    finalize_counts,
+)
 from cmrcnet.errors import ConfigError, InputFileError, require_file
 
 logger = logging.getLogger(__name__)
@@ -125,6 +132,7 @@ def read_anndata(
 def load_h5ad(path: str | Path) -> ad.AnnData:
     """Read a .h5ad into memory; any failure (truncated, not HDF5, not AnnData) becomes an InputFileError."""
     path = require_file(path, "AnnData file")
+    probe_hdf5(path, "AnnData file")
     try:
         return ad.read_h5ad(path)
     except Exception as exc:  # h5py OSError for truncated files, anndata's own read errors, KeyError, ...
@@ -155,6 +163,9 @@ def spatial_counts(src: ad.AnnData, *, path: str | Path) -> ad.AnnData:
         candidates.append((f'layers["{COUNTS_LAYER}"]', src.layers[COUNTS_LAYER], src.var_names))
     if src.raw is not None:
         candidates.append(("raw.X", src.raw.X, src.raw.var_names))
+    for where, x, _ in candidates:
+        if x is not None:
+            check_sparse(x, path=path, what=f"matrix in {where}")
     chosen = next(((w, x, v) for w, x, v in candidates if x is not None and _holds_counts(x)), None)
     if chosen is None:
         tried = ", ".join(w for w, _x, _v in candidates)

@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 
 from cmrcnet.constants import METADATA_DIR, PATCHES_DIR, SPATIAL_KEY, SPOT_PITCH_UM, ST_DIR
+from cmrcnet.data.hdf5 import probe_hdf5
 from cmrcnet.data.image import SlideImage
 from cmrcnet.data.pixel_size import resolve_pixel_size
 from cmrcnet.data.readers.anndata_reader import load_h5ad, spatial_counts
@@ -144,6 +145,7 @@ def read_hest_patches(root: str | Path, sample_id: str) -> tuple[np.ndarray, lis
         get spot centres).
     """
     path = require_file(Path(root) / PATCHES_DIR / f"{sample_id}.h5", "HEST patch file")
+    probe_hdf5(path, "HEST patch file")
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in ("img", "barcode", "coords") if k not in f]

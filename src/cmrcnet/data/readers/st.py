@@ -242,12 +242,14 @@ def _read_selection(path: Path) -> pd.DataFrame:
         )
     for c in (*_SELECTION_COLUMNS, *(("selected",) if "selected" in sel.columns else ())):
         values = pd.to_numeric(sel[c], errors="coerce")
-        if values.isna().any():
-            row = int(np.flatnonzero(values.isna().to_numpy())[0])
+        bad = ~np.isfinite(values.to_numpy(dtype=np.float64))  # missing, text, inf
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
             value = sel[c].iloc[row]
             shown = "empty" if pd.isna(value) else repr(str(value))
             raise InputFileError(
-                f"column {c!r} has a missing or non-numeric value in data row {row + 1}: {shown}", path=path
+                f"column {c!r} has a missing, non-numeric or infinite value in data row {row + 1}: {shown}",
+                path=path,
             )
         sel[c] = values
     if "selected" in sel.columns:

@@ -21,14 +21,22 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cmrcnet.constants import SPATIAL_KEY, SPOT_PITCH_UM
+from cmrcnet.data.hdf5 import probe_hdf5
 from cmrcnet.data.image import SlideImage
 from cmrcnet.data.pixel_size import estimate_pixel_size, resolve_pixel_size
-from cmrcnet.data.sample import PixelSizeSource, Sample, check_coords_inside_image, finalize_counts
+from cmrcnet.data.sample import (
+    PixelSizeSource,
+    Sample,
+    check_coords_inside_image,
+    check_sparse,
+    finalize_counts,
+)
 from cmrcnet.errors import CmrcnetError, InputFileError, require_dir, require_file
 
 logger = logging.getLogger(__name__)
 
 POSITION_COLUMNS = ("in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
+_INTEGER_POSITION_COLUMNS = ("in_tissue", "array_row", "array_col")  # flags and grid indices
 GENE_EXPRESSION = (
     "Gene Expression"  # features/feature_type of RNA features (antibody capture etc. are dropped)
 )
@@ -143,6 +151,7 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
     Ranger 2).
     """
     path = require_file(path, "10x feature-barcode matrix")
+    probe_hdf5(path, "10x feature-barcode matrix")
     try:
         with h5py.File(path, "r") as f:
             if "matrix" in f:
@@ -181,8 +190,9 @@ def read_10x_h5(path: str | Path) -> ad.AnnData:
     try:
         # 10x stores genes x barcodes in CSC, whose arrays read unchanged as barcodes x genes in CSR
         x = sp.csr_matrix((data.astype(np.float32), indices, indptr), shape=(n_barcodes, n_features))
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise InputFileError(f"corrupt 10x matrix arrays ({exc})", path=path) from exc
+    check_sparse(x, path=path, what="10x matrix")
     var = pd.DataFrame({"gene_ids": ids}, index=pd.Index(names, name=None))
     adata = ad.AnnData(X=x, obs=pd.DataFrame(index=pd.Index(barcodes, name=None)), var=var)
     if types is not None:
@@ -225,8 +235,10 @@ def read_tissue_positions(path: str | Path) -> pd.DataFrame:
         )
     for c in POSITION_COLUMNS:
         values = pd.to_numeric(pos[c], errors="coerce")
-        if values.isna().any():
-            raise InputFileError(f"column {c!r} has missing or non-numeric values", path=path)
+        if not np.isfinite(values.to_numpy(dtype=np.float64)).all():
+            raise InputFileError(f"column {c!r} has missing, non-numeric or infinite values", path=path)
+        if c in _INTEGER_POSITION_COLUMNS and not (values == np.round(values)).all():
+            raise InputFileError(f"column {c!r} must hold integers", path=path)
         pos[c] = values
     pos.index = pos.index.astype(str)
     if not pos.index.is_unique:
