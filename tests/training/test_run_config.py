@@ -158,4 +158,4 @@ def test_neither_preset_nor_file(tmp_path: Path) -> None:
 
 def test_saved_yaml_is_plain(tmp_path: Path) -> None:
     data = yaml.safe_load(load_run_config("tiny").to_yaml())
-    assert set(data) == {"encoder", "method", "model", "train", "genes", "retrieval"}
+    assert set(data) == {"encoder", "method", "model", "encoder_weights", "train", "genes", "retrieval"}

@@ -46,7 +46,11 @@ class ModelConfig:
 
     n_genes: int  # G: number of genes in the expression vectors
     method: str = "cmrcnet"  # training objective, one of METHODS
-    # --- image encoder (ViT from scratch) ---
+    # --- image encoder ---
+    image_encoder: str = "vit-cmrcnet"  # architecture, one of models.encoders.ARCHITECTURES
+    freeze_encoder: bool = False  # keep the encoder's weights fixed (eval mode); only heads train
+    handcrafted_features: bool = False  # append colour/texture statistics to the pooled tokens (handcrafted.py)
+    # --- ViT sizes (used by image_encoder "vit-cmrcnet") ---
     encoder: str = "paper"  # name of the ENCODER_PRESETS entry the fields below match, or "custom"
     img_size: int = 224  # side of the square input patch in pixels
     patch_size: int = 32  # side of a ViT patch in pixels (img_size must be a multiple)
@@ -163,7 +167,20 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if int(self.width * self.mlp_ratio) < 1:
             raise ConfigError(f"mlp_ratio {self.mlp_ratio} gives an empty ViT MLP for width {self.width}")
-        for name in ("mask_in_eval", "share_fusion_weights", "detach_recon_target", "log1p_losses"):
+        from cmrcnet.models.encoders import ARCHITECTURES
+
+        if self.image_encoder not in ARCHITECTURES:
+            raise ConfigError(
+                f"unknown image_encoder {self.image_encoder!r}; choose one of {sorted(ARCHITECTURES)}"
+            )
+        for name in (
+            "mask_in_eval",
+            "share_fusion_weights",
+            "detach_recon_target",
+            "log1p_losses",
+            "freeze_encoder",
+            "handcrafted_features",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.encoder, str):

@@ -29,10 +29,11 @@ from torch import nn
 
 from cmrcnet.errors import ConfigError
 from cmrcnet.models.config import ModelConfig
+from cmrcnet.models.encoders import build_image_encoder
+from cmrcnet.models.handcrafted import N_FEATURES, HandcraftedFeatures
 from cmrcnet.models.layers import ProjectionHead
 from cmrcnet.models.losses import contrastive_loss, mse_loss_fp32
 from cmrcnet.models.reconstruction import CrossModalReconstructor
-from cmrcnet.models.vit import VisionTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +45,18 @@ class CMRCNet(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.image_encoder = VisionTransformer(
-            img_size=config.img_size,
-            patch_size=config.patch_size,
-            width=config.width,
-            depth=config.depth,
-            heads=config.heads,
-            mlp_ratio=config.mlp_ratio,
-            dropout=config.dropout,
-        )
+        self.image_encoder = build_image_encoder(config)
+        width = int(self.image_encoder.out_dim)
+        self.handcrafted: HandcraftedFeatures | None = None
+        if config.handcrafted_features:
+            self.handcrafted = HandcraftedFeatures()
         self.image_projection = ProjectionHead(
-            in_dim=config.width, out_dim=config.proj_dim, dropout=config.proj_dropout
+            in_dim=width + (N_FEATURES if config.handcrafted_features else 0),
+            out_dim=config.proj_dim,
+            dropout=config.proj_dropout,
         )
+        if config.freeze_encoder:
+            self.image_encoder.requires_grad_(False)
         self.spot_projection: ProjectionHead | None = None
         self.reconstructor: CrossModalReconstructor | None = None
         self.regressor: nn.Sequential | None = None
@@ -66,7 +67,7 @@ class CMRCNet(nn.Module):
         if config.method == "cmrcnet":
             self.reconstructor = CrossModalReconstructor(
                 n_genes=config.n_genes,
-                width=config.width,
+                width=width,
                 dim=config.proj_dim,
                 n_expr_tokens=config.n_expr_tokens,
                 expr_dropout=config.expr_dropout,
@@ -89,12 +90,41 @@ class CMRCNet(nn.Module):
                 nn.Linear(config.regression_hidden, config.n_genes),
             )
 
+    def train(self, mode: bool = True) -> CMRCNet:
+        """As nn.Module.train, but a frozen encoder always stays in eval mode (fixed dropout and norm statistics)."""
+        super().train(mode)
+        if self.config.freeze_encoder:
+            self.image_encoder.eval()
+        return self
+
     # ------------------------------------------------------------------ stages
+    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised float images (B, 3, H, W) -> encoder tokens (B, T, width); no gradient when frozen."""
+        if self.config.freeze_encoder:
+            with torch.no_grad():
+                return self.image_encoder(images)
+        return self.image_encoder(images)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor | None:
+        """Standardised handcrafted features (B, N_FEATURES), or None when the model does not fuse them."""
+        return None if self.handcrafted is None else self.handcrafted(images)
+
+    def embed_tokens(self, tokens: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder tokens (B, T, width) [+ handcrafted features (B, F)] -> image embedding (B, proj_dim).
+
+        Tokens are mean-pooled, so pooled tokens (B, 1, width) give the same embedding as the full set.
+        """
+        pooled = tokens.mean(dim=1)  # (B, width)
+        if self.handcrafted is not None:
+            if features is None:
+                raise ConfigError("this model fuses handcrafted features; pass them with the tokens")
+            pooled = torch.cat([pooled, features.to(pooled.dtype)], dim=1)  # (B, width + F)
+        return self.image_projection(pooled)  # (B, proj_dim)
+
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised float images (B, 3, H, W) -> (ViT tokens (B, 1 + n_patches, width), img_emb (B, proj_dim))."""
-        tokens = self.image_encoder(images)  # (B, T, width)
-        img_emb = self.image_projection(tokens.mean(dim=1))  # (B, proj_dim)
-        return tokens, img_emb
+        """Normalised float images (B, 3, H, W) -> (encoder tokens (B, T, width), img_emb (B, proj_dim))."""
+        tokens = self.encode_tokens(images)  # (B, T, width)
+        return tokens, self.embed_tokens(tokens, self.image_features(images))
 
     def encode_expression(self, expr: torch.Tensor) -> torch.Tensor:
         """Expression (B, G) -> spot embedding (B, proj_dim). Not available for method "regression"."""
@@ -124,14 +154,18 @@ class CMRCNet(nn.Module):
     # ------------------------------------------------------------------ losses
     def loss(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | None,
         expr: torch.Tensor,
         *,
         gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None,
+        tokens: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Training loss for a batch of images (B, 3, H, W) and their spots' expression (B, G).
 
         `gather` (distributed training only) collects embeddings from all processes for global negatives.
+        `tokens` (and `features` when the model fuses handcrafted features) replace `images` when the encoder's
+        outputs were computed beforehand (the frozen-encoder feature cache); `images` is then None.
 
         Returns float32 scalars: "loss" (the total to minimise) and its terms: "contrastive" and, for
         "cmrcnet", "reconstruction" (as they enter the total, i.e. after log1p when `log1p_losses`); for
@@ -139,7 +173,12 @@ class CMRCNet(nn.Module):
         """
         cfg = self.config
         expr = self._check_expr(expr)
-        tokens, img_emb = self.encode_image(images)
+        if tokens is None:
+            if images is None:
+                raise ConfigError("loss needs images or precomputed tokens")
+            tokens, img_emb = self.encode_image(images)
+        else:
+            img_emb = self.embed_tokens(tokens, features)
         if cfg.method == "regression":
             mse = mse_loss_fp32(self.regressor(img_emb), expr)
             return {"loss": mse, "regression": mse}
@@ -170,13 +209,15 @@ class CMRCNet(nn.Module):
 
     def forward(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | None,
         expr: torch.Tensor,
         *,
         gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None,
+        tokens: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Same as `loss` (so DistributedDataParallel wraps the whole training computation)."""
-        return self.loss(images, expr, gather=gather)
+        return self.loss(images, expr, gather=gather, tokens=tokens, features=features)
 
     def _check_expr(self, expr: torch.Tensor) -> torch.Tensor:
         if expr.ndim != 2 or expr.shape[1] != self.config.n_genes:

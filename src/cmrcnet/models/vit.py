@@ -56,6 +56,7 @@ class VisionTransformer(nn.Module):
     ) -> None:
         super().__init__()
         self.width = width
+        self.out_dim = width  # token width (the encoder interface, models/encoders.py)
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, width=width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.n_patches, width))

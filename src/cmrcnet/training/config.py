@@ -43,6 +43,7 @@ class TrainConfig:
     num_threads: int = 0  # CPU threads for torch (0: torch's default)
     select: str = "best"  # checkpoint used for prediction: "best" (lowest validation loss) or "last"
     use_ema: bool = False  # predict with the EMA weights instead of the raw weights
+    feature_cache: str = ""  # folder of the frozen-encoder feature cache ("": $CMRCNET_CACHE or ~/.cache/cmrcnet)
 
     def validate(self) -> None:
         _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -82,6 +83,8 @@ class RunConfig:
     encoder: str = "cpu"  # ENCODER_PRESETS entry for the image encoder
     method: str = "cmrcnet"  # "cmrcnet", "bleep" or "regression"
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig field overrides
+    # initial encoder weights: a folder written by `cmrcnet pretrain`, or a .safetensors / torch state-dict file
+    encoder_weights: str = ""
     train: TrainConfig = field(default_factory=TrainConfig)
     genes: GeneSelectionConfig = field(default_factory=GeneSelectionConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)

@@ -40,6 +40,17 @@ class SpotTable:
         """Globally unique spot keys "sample:barcode"."""
         return [f"{s}:{b}" for s, b in zip(self.sample_ids, self.barcodes, strict=True)]
 
+    @staticmethod
+    def concat(tables: Sequence[SpotTable]) -> SpotTable:
+        """Rows of several tables, in order."""
+        return SpotTable(
+            torch.cat([t.images for t in tables]),
+            torch.cat([t.expr for t in tables]),
+            [s for t in tables for s in t.sample_ids],
+            [b for t in tables for b in t.barcodes],
+            np.concatenate([t.coords for t in tables]),
+        )
+
     def subset(self, idx: Sequence[int] | np.ndarray) -> SpotTable:
         idx = np.asarray(idx, dtype=np.int64)
         t = torch.from_numpy(idx)

@@ -35,6 +35,8 @@ from cmrcnet.data.splits import validation_spots
 from cmrcnet.errors import CheckpointError, ConfigError
 from cmrcnet.models import build_model
 from cmrcnet.models.config import ModelConfig
+from cmrcnet.models.encoders import load_encoder_weights
+from cmrcnet.models.handcrafted import handcrafted_features
 from cmrcnet.plotting.curves import plot_loss_curve
 from cmrcnet.runtime import autocast_context
 from cmrcnet.training.checkpoint import load_checkpoint, save_checkpoint
@@ -48,6 +50,7 @@ from cmrcnet.training.distributed import (
     init_distributed,
     resolve_device,
 )
+from cmrcnet.training.feature_cache import FrozenFeatures, dihedral_variants, frozen_features
 from cmrcnet.training.run_layout import (
     BANK_FILE,
     BEST_CKPT,
@@ -134,10 +137,19 @@ class Trainer:
         self.dist = dist_info
         self.progress = progress and dist_info.is_main
         torch.manual_seed(self.tcfg.seed)  # identical initial weights on every process
-        self.model = build_model(model_config).to(device)
+        self.model = build_model(model_config)
+        self.encoder_init: dict | None = None
+        if config.encoder_weights:
+            self.encoder_init = load_initial_encoder(self.model, config.encoder_weights)
+        self.model.to(device)
+        self.frozen_train: FrozenFeatures | None = None
+        self.frozen_val: FrozenFeatures | None = None
+        self.feature_cache_summary: dict | None = None
         self.ema = EMA(self.model, self.tcfg.ema_decay)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=self.tcfg.lr,
+            weight_decay=self.tcfg.weight_decay,
         )
         self.scaler = torch.amp.GradScaler(device.type) if self.tcfg.precision == "fp16" else None
         per_step = self.tcfg.batch_size
@@ -159,6 +171,50 @@ class Trainer:
         self.best_val = math.inf
         self.best_epoch = -1
         self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ set-up before the first epoch
+    def prepare_features(self, *, fit_handcrafted: bool) -> None:
+        """Frozen encoder: compute (or read from the cache) the encoder outputs of every spot. Handcrafted
+        features: fit their standardisation on the training spots (a fresh run only; a resumed run has it)."""
+        t, m = self.tcfg, self.mcfg
+        if m.freeze_encoder:
+            if t.color_jitter > 0:
+                logger.warning("colour jitter is ignored with a frozen encoder (features are computed once)")
+            variants = dihedral_variants(flips=t.augment_flips, rot90=t.augment_rot90)
+            both = SpotTable.concat([self.train_set, self.val_set])
+            feats, self.feature_cache_summary = frozen_features(
+                self.model,
+                both,
+                variants=variants,
+                pooled=m.method != "cmrcnet",  # only the reconstruction needs every token
+                cache_dir=t.feature_cache or None,
+                batch_size=t.batch_size,
+                device=self.device,
+                precision=t.precision,
+                progress=self.progress,
+            )
+            n = len(self.train_set)
+            self.frozen_train = feats.subset(np.arange(n))
+            self.frozen_val = feats.subset(np.arange(n, len(both)))
+        if fit_handcrafted and self.model.handcrafted is not None:
+            if self.frozen_train is not None:
+                raw = self.frozen_train.features
+            else:
+                raw = torch.cat(
+                    [
+                        handcrafted_features(
+                            augment(
+                                self.train_set.images[i : i + 256],
+                                torch.Generator(),
+                                flips=False,
+                                rot90=False,
+                            )
+                        )
+                        for i in range(0, len(self.train_set), 256)
+                    ]
+                )
+            self.model.handcrafted.fit(raw.to(self.device))
+            self.ema = EMA(self.model, t.ema_decay)  # the EMA starts from the fitted standardisation
 
     # ------------------------------------------------------------------ state
     def state(self, epoch: int) -> dict:
@@ -290,6 +346,13 @@ class Trainer:
 
     def _forward(self, idx: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
         t = self.tcfg
+        expr = self.train_set.expr[idx].to(self.device, non_blocking=True)
+        gather: Callable | None = gather_with_grad if self.dist.enabled else None
+        if self.frozen_train is not None:
+            variant = torch.randint(0, len(self.frozen_train.variants), (len(idx),), generator=gen)
+            tokens, features = self._frozen_inputs(self.frozen_train, idx, variant)
+            with autocast_context(self.device, t.precision):
+                return self.ddp(None, expr, gather=gather, tokens=tokens, features=features)
         images = (
             augment(
                 self.train_set.images[idx],
@@ -301,10 +364,32 @@ class Trainer:
             .to(self.device, non_blocking=True)
             .contiguous(memory_format=torch.channels_last)
         )
-        expr = self.train_set.expr[idx].to(self.device, non_blocking=True)
-        gather: Callable | None = gather_with_grad if self.dist.enabled else None
         with autocast_context(self.device, t.precision):
             return self.ddp(images, expr, gather=gather)
+
+    def _frozen_inputs(
+        self, feats: FrozenFeatures, idx: torch.Tensor, variant: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = feats.tokens[idx, variant].to(self.device, torch.float32)  # (B, T, C)
+        features = None
+        if self.model.handcrafted is not None:
+            features = self.model.handcrafted.standardise(feats.features[idx].to(self.device))
+        return tokens, features
+
+    def _val_batch_loss(self, model: nn.Module, idx: torch.Tensor) -> float:
+        expr = self.val_set.expr[idx].to(self.device)
+        if self.frozen_val is not None:
+            tokens, features = self._frozen_inputs(
+                self.frozen_val, idx, torch.zeros(len(idx), dtype=torch.long)
+            )
+            if features is not None and model is not self.model:
+                features = model.handcrafted.standardise(self.frozen_val.features[idx].to(self.device))
+            with autocast_context(self.device, self.tcfg.precision):
+                return float(model(None, expr, tokens=tokens, features=features)["loss"])
+        images = augment(self.val_set.images[idx], torch.Generator(), flips=False, rot90=False)
+        images = images.to(self.device).contiguous(memory_format=torch.channels_last)
+        with autocast_context(self.device, self.tcfg.precision):
+            return float(model(images, expr)["loss"])
 
     @torch.no_grad()
     def _val_loss(self, model: nn.Module) -> float:
@@ -316,19 +401,12 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.tcfg.seed)
             for idx in _batches(len(self.val_set), self.tcfg.batch_size, torch.Generator(), shuffle=False):
-                images = augment(self.val_set.images[idx], torch.Generator(), flips=False, rot90=False)
-                images = images.to(self.device).contiguous(memory_format=torch.channels_last)
-                with autocast_context(self.device, self.tcfg.precision):
-                    loss = model(images, self.val_set.expr[idx].to(self.device))["loss"]
-                total += float(loss) * len(idx)
+                total += self._val_batch_loss(model, idx) * len(idx)
                 n += len(idx)
             if n < len(self.val_set):  # the tail batch too: every validation spot counts
                 tail = torch.arange(n, len(self.val_set))
                 if len(tail) >= 2:
-                    images = augment(self.val_set.images[tail], torch.Generator(), flips=False, rot90=False)
-                    with autocast_context(self.device, self.tcfg.precision):
-                        loss = model(images.to(self.device), self.val_set.expr[tail].to(self.device))["loss"]
-                    total += float(loss) * len(tail)
+                    total += self._val_batch_loss(model, tail) * len(tail)
                     n += len(tail)
         model.train()
         return total / max(1, n)
@@ -479,9 +557,16 @@ def train_run(
         dist_info=info,
         progress=progress,
     )
+    trainer.prepare_features(fit_handcrafted=ckpt is None)
     if ckpt is not None:
         trainer.load_state(ckpt)
         logger.info("resuming %s after epoch %d", run_dir, trainer.start_epoch)
+    elif info.is_main and (trainer.encoder_init or trainer.feature_cache_summary):
+        meta = json.loads((run_dir / RUN_FILE).read_text())
+        meta["encoder_init"] = trainer.encoder_init
+        meta["transductive"] = bool((trainer.encoder_init or {}).get("transductive", False))
+        meta["feature_cache"] = trainer.feature_cache_summary
+        write_json(run_dir / RUN_FILE, meta)
     logger.info(
         "training %s on %d spots (%d validation) from %s, %d genes, %d process(es), device %s",
         mcfg.method,
@@ -507,6 +592,36 @@ def train_run(
         write_json(run_dir / RUN_FILE, meta)
     barrier()
     return result
+
+
+def load_initial_encoder(model: nn.Module, source: str | Path) -> dict:
+    """Load the encoder weights named by a run config's `encoder_weights` into `model.image_encoder`.
+
+    `source` is a folder written by `cmrcnet pretrain` (its encoder.json must describe the same architecture and
+    sizes; loaded strictly) or a weights file (.safetensors or torch state dict; loaded leniently, with missing
+    and unexpected tensors reported). Returns a record for run.json.
+    """
+    from cmrcnet.training.pretrain import ENCODER_WEIGHTS, read_encoder_dir
+
+    path = Path(source)
+    if path.is_dir():
+        info = read_encoder_dir(path)
+        arch = info["model"]
+        mcfg = model.config
+        differ = [k for k, v in arch.items() if getattr(mcfg, k) != v]
+        if differ:
+            raise ConfigError(
+                "the pretrained encoder does not match this run's model: "
+                + ", ".join(f"{k}={arch[k]} vs {getattr(mcfg, k)}" for k in differ),
+                path=path,
+            )
+        report = load_encoder_weights(model.image_encoder, path / ENCODER_WEIGHTS, strict=True)
+        record = {"source": "cmrcnet pretrain", "dir": str(path.resolve()), **report.to_dict()}
+        record["pretraining"] = info.get("pretraining", {})
+        record["transductive"] = bool(info.get("pretraining", {}).get("transductive", False))
+        return record
+    report = load_encoder_weights(model.image_encoder, path, strict=False)
+    return {"source": "weights file", **report.to_dict(), "transductive": False}
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
