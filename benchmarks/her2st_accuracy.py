@@ -326,6 +326,30 @@ def main() -> int:
     prepare(args.her2st, ds, sorted({s for f in plan for s in [*f["train"], f["test"], *f["pretrain_slides"]]}))
     results: list[dict] = []
     encoders: dict[str, dict] = {}
+
+    def write_results(complete: bool) -> None:
+        summary = summarise(results)
+        record = {
+            "benchmark": "her2st_accuracy",
+            "quick": args.quick,
+            "complete": complete,
+            "command": " ".join(["python", "benchmarks/her2st_accuracy.py", *map(shlex.quote, sys.argv[1:])]),
+            "commit": git_commit(),
+            "machine": machine_info(),
+            "wall_seconds": round(time.time() - t_start, 1),
+            "seeds": seeds,
+            "markers": MARKERS,
+            "k_grid": list(K_GRID),
+            "variants": {v: dict(zip(("method", "encoder", "frozen", "handcrafted", "epochs"),
+                                     (*VARIANTS[v][:4], 1 if args.quick else VARIANTS[v][4]), strict=True))
+                         for v in variants},
+            "encoders": encoders,
+            "summary": summary,
+            "runs": results,
+        }
+        write_json(Path(f"{stem}.json"), record)
+        write_text(Path(f"{stem}.md"), markdown(record))
+
     for fold in plan:
         fold_dir = work / "runs" / f"{fold['protocol']}-test-{fold['test']}"
         fold_dir.mkdir(parents=True, exist_ok=True)
@@ -376,26 +400,8 @@ def main() -> int:
                            k_validation=kscores if name.startswith("knn") else {}, train_seconds=0.0)
                 results.append(row)
                 print(json.dumps({k2: v for k2, v in row.items() if k2 != "k_validation"}), flush=True)
-    summary = summarise(results)
-    record = {
-        "benchmark": "her2st_accuracy",
-        "quick": args.quick,
-        "command": " ".join(["python", "benchmarks/her2st_accuracy.py", *map(shlex.quote, sys.argv[1:])]),
-        "commit": git_commit(),
-        "machine": machine_info(),
-        "wall_seconds": round(time.time() - t_start, 1),
-        "seeds": seeds,
-        "markers": MARKERS,
-        "k_grid": list(K_GRID),
-        "variants": {v: dict(zip(("method", "encoder", "frozen", "handcrafted", "epochs"),
-                                 (*VARIANTS[v][:4], 1 if args.quick else VARIANTS[v][4]), strict=True))
-                     for v in variants},
-        "encoders": encoders,
-        "summary": summary,
-        "runs": results,
-    }
-    write_json(Path(f"{stem}.json"), record)
-    write_text(Path(f"{stem}.md"), markdown(record))
+        write_results(complete=False)
+    write_results(complete=True)
     print(Path(f"{stem}.md").read_text())
     return 0
 
@@ -426,7 +432,8 @@ def _cell(s: dict) -> str:
 
 def markdown(rec: dict) -> str:
     lines = [
-        f"# her2st accuracy{' (QUICK smoke run: tiny model, 1 epoch; not a result)' if rec['quick'] else ''}",
+        f"# her2st accuracy{' (QUICK smoke run: tiny model, 1 epoch; not a result)' if rec['quick'] else ''}"
+        + ("" if rec["complete"] else " (PARTIAL: the run had not finished every fold)"),
         "",
         f"Command: `{rec['command']}`  ",
         f"Commit {rec['commit']}, {rec['machine']['cpu']} ({rec['machine']['cores']} cores), torch "
