@@ -29,3 +29,16 @@ def test_training_is_three_forwards_and_paper_size() -> None:
     assert 5.6e9 < forward < 6.3e9
     cmrcnet = model_flops_per_spot(ModelConfig(n_genes=1000), training=False)
     assert forward < cmrcnet < 1.1 * forward  # the reconstruction branch is small next to the encoder
+
+
+def test_frozen_encoder_training_counts_only_the_heads() -> None:
+    from cmrcnet.models.config import ModelConfig
+    from cmrcnet.models.flops import model_flops_per_spot
+
+    full = ModelConfig.from_preset("cpu", n_genes=250)
+    frozen = ModelConfig.from_preset("cpu", n_genes=250, freeze_encoder=True)
+    inference = model_flops_per_spot(full, training=False)
+    assert model_flops_per_spot(frozen, training=False) == inference
+    assert model_flops_per_spot(frozen) < model_flops_per_spot(full) / 2  # no encoder forward or backward
+    with_hc = ModelConfig.from_preset("cpu", n_genes=250, handcrafted_features=True)
+    assert model_flops_per_spot(with_hc, training=False) > inference

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 
+from cmrcnet.errors import ConfigError
 from cmrcnet.models.config import ModelConfig
+from cmrcnet.models.handcrafted import N_FEATURES
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +45,18 @@ def model_flops_per_spot(config: ModelConfig, *, training: bool = True, batch_si
     """Approximate matmul FLOPs per spot of one `loss` call (x3 when `training`).
 
     `batch_size` matters only for the contrastive loss, whose (B, B) similarity matrices cost O(B) per spot.
+    Counted for the ViT encoder ("vit-cmrcnet") only. With a frozen encoder a training step costs only the heads
+    (3x their forward): the trainer computes the encoder's outputs once, before the first epoch, and caches them.
     """
     c = config
+    if c.image_encoder != "vit-cmrcnet":
+        raise ConfigError(f"FLOPs are counted for the vit-cmrcnet encoder only, not {c.image_encoder!r}")
     t = c.n_tokens
     d = c.proj_dim
-    flops = _linear(c.n_patches, 3 * c.patch_size**2, c.width)  # patch embedding
-    flops += c.depth * _transformer_block(t, c.width, c.mlp_ratio)
-    flops += _projection_head(c.width, d)  # image embedding
+    encoder = _linear(c.n_patches, 3 * c.patch_size**2, c.width)  # patch embedding
+    encoder += c.depth * _transformer_block(t, c.width, c.mlp_ratio)
+    width = c.width + (N_FEATURES if c.handcrafted_features else 0)
+    flops = _projection_head(width, d)  # image embedding
     if c.method == "regression":
         flops += _linear(1, d, c.regression_hidden) + _linear(1, c.regression_hidden, c.n_genes)
     else:
@@ -69,4 +76,6 @@ def model_flops_per_spot(config: ModelConfig, *, training: bool = True, batch_si
             + _attention(t, k, d)
         )
         flops += c.n_fusion_blocks * fusion
-    return 3 * flops if training else flops
+    if not training:
+        return encoder + flops
+    return 3 * flops if c.freeze_encoder else 3 * (encoder + flops)

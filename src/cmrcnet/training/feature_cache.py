@@ -2,7 +2,7 @@
 
 With `ModelConfig.freeze_encoder` the encoder never changes during training, so its tokens for each spot (and
 each augmentation the run uses: the flips and 90-degree rotations form at most 8 variants) can be computed once.
-Training then runs only the heads, which is hundreds of times cheaper than a forward pass through the encoder.
+Training then runs only the heads: no encoder forward or backward pass per step.
 
 The cache lives on disk, one safetensors file per sample, named by a key that hashes
     the encoder's architecture and weights, the sample's uint8 patches (after resizing), the variants and

@@ -1,0 +1,31 @@
+"""The benchmark scripts' --quick modes run end to end (smoke tests; the numbers are not checked for quality)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_her2st_accuracy_quick(shared_data: Path, tmp_path: Path) -> None:
+    stem = tmp_path / "acc"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "her2st_accuracy.py"), "--quick", "--her2st",
+           str(shared_data / "her2st"), "--work", str(tmp_path / "work"), "--out", str(stem)]
+    env = {**os.environ, "CMRCNET_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(Path(f"{stem}.json").read_text())
+    assert record["quick"] is True and record["complete"] is True
+    methods = {r["method"] for r in record["runs"]}
+    assert {"mean", "knn-handcrafted", "cmrcnet-scratch", "cmrcnet-ssl+hc"} <= methods
+    knn = next(r for r in record["runs"] if r["method"] == "knn-handcrafted" and r["protocol"] == "loso")
+    assert math.isfinite(knn["pcc_heg50"]) and knn["k"] in record["k_grid"]
+    mean = next(r for r in record["runs"] if r["method"] == "mean" and r["protocol"] == "loso")
+    assert mean["pcc_heg50"] is None and mean["mse"] > 0  # a constant prediction has no PCC
+    assert "QUICK" in Path(f"{stem}.md").read_text()
+    assert record["encoders"]["loso-test-C2"]["pretraining"]["transductive"] is False
