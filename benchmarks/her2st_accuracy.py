@@ -70,7 +70,7 @@ C_SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
 OTHER = "B4"
 K_GRID = (5, 10, 20, 50)
 SCRATCH_EPOCHS = 12
-FROZEN_EPOCHS = 40
+FROZEN_EPOCHS = 20
 PRETRAIN = dict(n_tiles=4000, epochs=4)
 
 # variant -> (method, encoder source "none" | "ssl" | "random", freeze, handcrafted, epochs)
