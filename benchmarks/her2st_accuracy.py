@@ -73,15 +73,18 @@ SCRATCH_EPOCHS = 12
 FROZEN_EPOCHS = 20
 PRETRAIN = dict(n_tiles=4000, epochs=4)
 
+FROZEN_LR = 5e-4  # heads-only training: a larger step than the end-to-end 1e-4 (fixed in advance, not tuned)
 # variant -> (method, encoder source "none" | "ssl" | "random", freeze, handcrafted, epochs)
 VARIANTS: dict[str, tuple[str, str, bool, bool, int]] = {
     "cmrcnet-scratch": ("cmrcnet", "none", False, False, SCRATCH_EPOCHS),
     "cmrcnet-ssl+hc": ("cmrcnet", "ssl", True, True, FROZEN_EPOCHS),
-    "cmrcnet-ssl": ("cmrcnet", "ssl", True, False, FROZEN_EPOCHS),
-    "cmrcnet-rand+hc": ("cmrcnet", "random", True, True, FROZEN_EPOCHS),
     "bleep-ssl+hc": ("bleep", "ssl", True, True, FROZEN_EPOCHS),
     "regression-ssl+hc": ("regression", "ssl", True, True, FROZEN_EPOCHS),
+    # ablations (not in the default list: --variants ... to run them)
+    "cmrcnet-ssl": ("cmrcnet", "ssl", True, False, FROZEN_EPOCHS),
+    "cmrcnet-rand+hc": ("cmrcnet", "random", True, True, FROZEN_EPOCHS),
 }
+DEFAULT_VARIANTS = ("cmrcnet-scratch", "cmrcnet-ssl+hc", "bleep-ssl+hc", "regression-ssl+hc")
 SETS = ("heg50", "hvg50", "all", "markers")
 
 
@@ -243,6 +246,8 @@ def run_config(variant: str, seed: int, quick: bool, encoder_dir: Path | None):
     cfg.method = method
     cfg.train.seed = seed
     cfg.train.epochs = 1 if quick else epochs
+    if freeze:
+        cfg.train.lr = FROZEN_LR
     cfg.genes.n_top = 250
     cfg.genes.include = list(MARKERS)
     if quick:
@@ -306,10 +311,18 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/cmrcnet_her2st_accuracy"))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--protocols", default="loso,cross")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    ap.add_argument("--tests", help="only the folds testing these sections (comma-separated), e.g. to split the "
+                    "work over processes; combine their result files with --merge")
+    ap.add_argument("--merge", nargs="+", type=Path, help="combine result JSON files of earlier runs and exit")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--quick", action="store_true", help="1 fold (train C3, test C2), tiny model, 1 seed, 1 epoch")
     ap.add_argument("--out", type=Path, help="results stem (default benchmarks/results/her2st_accuracy[_quick])")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.merge:
+        return merge(args.merge, args.out or HERE / "results" / "her2st_accuracy")
     if not (args.her2st / "counts").is_dir():
         print(f"her2st data not found at {args.her2st}; nothing to do", file=sys.stderr)
         return 2
@@ -323,6 +336,8 @@ def main() -> int:
     work = args.work / ("quick" if args.quick else "full")
     ds = work / "ds"
     plan = folds(protocols, args.quick)
+    if args.tests:
+        plan = [f for f in plan if f["test"] in args.tests.split(",")]
     prepare(args.her2st, ds, sorted({s for f in plan for s in [*f["train"], f["test"], *f["pretrain_slides"]]}))
     results: list[dict] = []
     encoders: dict[str, dict] = {}
@@ -402,6 +417,24 @@ def main() -> int:
                 print(json.dumps({k2: v for k2, v in row.items() if k2 != "k_validation"}), flush=True)
         write_results(complete=False)
     write_results(complete=True)
+    print(Path(f"{stem}.md").read_text())
+    return 0
+
+
+def merge(paths: list[Path], stem: Path) -> int:
+    """One result file from several partial ones (e.g. folds run in parallel processes)."""
+    records = [json.loads(p.read_text()) for p in paths]
+    rec = dict(records[0])
+    rec["runs"] = [r for x in records for r in x["runs"]]
+    rec["encoders"] = {k: v for x in records for k, v in x["encoders"].items()}
+    rec["complete"] = all(x["complete"] for x in records)
+    rec["wall_seconds"] = max(x["wall_seconds"] for x in records)
+    rec["command"] = " && ".join(x["command"] for x in records) + " (merged)"
+    rec["merged_from"] = [{"file": str(p), "commit": x["commit"], "machine": x["machine"]}
+                          for p, x in zip(paths, records, strict=True)]
+    rec["summary"] = summarise(rec["runs"])
+    write_json(Path(f"{stem}.json"), rec)
+    write_text(Path(f"{stem}.md"), markdown(rec))
     print(Path(f"{stem}.md").read_text())
     return 0
 
