@@ -123,6 +123,14 @@ def test_encoder_from_pretrain_reloads_into_train(tmp_path: Path, synthetic_ds: 
     assert sorted(meta["feature_cache"]["computed"]) == TRAIN_SAMPLES
     assert int(trained["handcrafted.fitted"]) == 1
     assert (run / "bank.pt").is_file()
+    # ... and every result made with it says so
+    pred, ev = tmp_path / "pred.h5ad", tmp_path / "eval"
+    assert main(["predict", "--quiet", "--model", str(run), "--data", str(synthetic_ds), "--samples",
+                 TRAIN_SAMPLES[0], "--out", str(pred)]) == 0
+    assert main(["evaluate", "--quiet", "--pred", str(pred), "--data", str(synthetic_ds), "--out", str(ev),
+                 "--no-plots"]) == 0
+    assert json.loads((ev / "metrics.json").read_text())["prediction"]["transductive"] is True
+    assert "TRANSDUCTIVE" in (ev / "summary.md").read_text()
 
 
 def test_pretrained_encoder_of_another_size_is_refused(tmp_path: Path, synthetic_ds: Path, capsys) -> None:

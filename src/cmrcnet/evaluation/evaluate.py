@@ -72,6 +72,11 @@ OVERALL_METRICS = ("mse", "mae", "spotwise_pcc", "gene_gene_corr", "n_constant_e
 
 
 # --- reading the prediction -------------------------------------------------------------------------------
+TRANSDUCTIVE_NOTE = (
+    "TRANSDUCTIVE: the model's image encoder was pretrained with test slides included (--include-test-slides)"
+)
+
+
 def _plain(value: Any) -> Any:
     """numpy scalars/arrays from an h5ad `uns` -> plain Python (lists, floats, bools, str)."""
     if isinstance(value, np.ndarray):
@@ -456,6 +461,7 @@ def evaluate_predictions(
                     "gene_mode",
                     "k",
                     "weighting",
+                    "transductive",
                 )
             },
             "n_spots": int(pred.n_obs),
@@ -567,6 +573,8 @@ def _summary_markdown(m: dict[str, Any], set_names: list[str]) -> str:
         lines += [f"**{m['protocol_note']}**", ""]
     if m["synthetic"]:
         lines += [f"**{m['synthetic_note']}**", ""]
+    if m["prediction"].get("transductive"):
+        lines += [f"**{TRANSDUCTIVE_NOTE}**", ""]
     lines += [
         f"- prediction: `{m['prediction']['path']}` (method {m['prediction'].get('method')})",
         f"- protocol: {m['protocol']}; HEG/HVG selected on: {m['gene_sets'][set_names[0]]['selected_on']}",

@@ -119,6 +119,8 @@ def prediction_provenance(
         "weighting": weighting if retrieval else "none",
         "backend": backend if retrieval else "none",
         "synthetic": bool(trained.run_info.get("synthetic", False)),
+        # the encoder was pretrained on test slides too (`cmrcnet pretrain --include-test-slides`)
+        "transductive": bool(trained.run_info.get("transductive", False)),
         "cmrcnet_version": __version__,
     }
 

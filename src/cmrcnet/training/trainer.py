@@ -608,11 +608,11 @@ def load_initial_encoder(model: nn.Module, source: str | Path) -> dict:
         info = read_encoder_dir(path)
         arch = info["model"]
         mcfg = model.config
-        differ = [k for k, v in arch.items() if getattr(mcfg, k) != v]
+        differ = [k for k, v in arch.items() if getattr(mcfg, k, None) != v]
         if differ:
             raise ConfigError(
                 "the pretrained encoder does not match this run's model: "
-                + ", ".join(f"{k}={arch[k]} vs {getattr(mcfg, k)}" for k in differ),
+                + ", ".join(f"{k}={arch[k]} vs {getattr(mcfg, k, None)}" for k in differ),
                 path=path,
             )
         report = load_encoder_weights(model.image_encoder, path / ENCODER_WEIGHTS, strict=True)
