@@ -365,20 +365,21 @@ def main() -> int:
         write_json(Path(f"{stem}.json"), record)
         write_text(Path(f"{stem}.md"), markdown(record))
 
-    for fold in plan:
-        fold_dir = work / "runs" / f"{fold['protocol']}-test-{fold['test']}"
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        ssl_dir = encoder_for(work, args.her2st, ds, fold, args.quick)
-        encoders[f"{fold['protocol']}-test-{fold['test']}"] = json.loads((ssl_dir / "encoder.json").read_text())
-        first_run = None
-        for variant in variants:
-            source = VARIANTS[variant][1]
-            enc = {"none": None, "ssl": ssl_dir, "random": None}[source]
-            if source == "random":
-                enc = random_encoder(work, "tiny" if args.quick else "cpu")
-            for seed in seeds:
+    # seed-major: every fold gets every variant with the first seed before any second seed is run, so a run cut
+    # short still covers all folds (the result files say which runs exist)
+    for seed_index, seed in enumerate(seeds):
+        for fold in plan:
+            fold_dir = work / "runs" / f"{fold['protocol']}-test-{fold['test']}"
+            fold_dir.mkdir(parents=True, exist_ok=True)
+            ssl_dir = encoder_for(work, args.her2st, ds, fold, args.quick)
+            encoders[f"{fold['protocol']}-test-{fold['test']}"] = json.loads((ssl_dir / "encoder.json").read_text())
+            first_run = None
+            for variant in variants:
+                source = VARIANTS[variant][1]
+                enc = {"none": None, "ssl": ssl_dir, "random": None}[source]
+                if source == "random":
+                    enc = random_encoder(work, "tiny" if args.quick else "cpu")
                 rdir = fold_dir / f"{variant}-seed{seed}"
-                t0 = time.time()
                 if not (rdir / "run.json").exists() or json.loads((rdir / "run.json").read_text()).get(
                         "status") != "complete":
                     if rdir.exists():
@@ -389,7 +390,8 @@ def main() -> int:
                     cfg.train.feature_cache = str(work / "feature_cache")
                     train_run(data_dir=ds, train_samples=fold["train"], out_dir=rdir, config=copy.deepcopy(cfg),
                               progress=False, command=f"her2st_accuracy {variant} seed {seed}")
-                t_train = time.time() - t0
+                t_train = sum(float(line.split(",")[2]) for line in
+                              (rdir / "metrics.csv").read_text().splitlines()[1:])  # epochs' seconds
                 k, kscores = (None, {})
                 if VARIANTS[variant][0] != "regression":
                     k, kscores = retrieval_k_on_validation(ds, rdir)
@@ -403,19 +405,20 @@ def main() -> int:
                                k_validation=kscores, train_seconds=round(t_train, 1))
                     results.append(row)
                     print(json.dumps({k2: v for k2, v in row.items() if k2 != "k_validation"}), flush=True)
-        # baselines (deterministic: one row per fold)
-        genes = json.loads((first_run / "genes.json").read_text())["genes"]
-        k_knn, kscores = knn_k_on_validation(ds, first_run, genes)
-        paths = baseline_predictions(ds, first_run, first_run / "pred.h5ad", fold_dir, k_knn)
-        for name, pred in paths.items():
-            for protocol in ["strict", "paper"] if fold["protocol"] == "loso" else ["strict"]:
-                row = evaluate(pred, ds, fold_dir / f"eval_{name}_{protocol}", protocol)
-                row.update(protocol=fold["protocol"] if protocol == "strict" else "paper", test=fold["test"],
-                           method=name, seed=None, k=k_knn if name.startswith("knn") else None,
-                           k_validation=kscores if name.startswith("knn") else {}, train_seconds=0.0)
-                results.append(row)
-                print(json.dumps({k2: v for k2, v in row.items() if k2 != "k_validation"}), flush=True)
-        write_results(complete=False)
+            if seed_index == 0:  # baselines (deterministic: one row per fold)
+                genes = json.loads((first_run / "genes.json").read_text())["genes"]
+                k_knn, kscores = knn_k_on_validation(ds, first_run, genes)
+                paths = baseline_predictions(ds, first_run, first_run / "pred.h5ad", fold_dir, k_knn)
+                for name, pred in paths.items():
+                    for protocol in ["strict", "paper"] if fold["protocol"] == "loso" else ["strict"]:
+                        row = evaluate(pred, ds, fold_dir / f"eval_{name}_{protocol}", protocol)
+                        row.update(protocol=fold["protocol"] if protocol == "strict" else "paper",
+                                   test=fold["test"], method=name, seed=None,
+                                   k=k_knn if name.startswith("knn") else None,
+                                   k_validation=kscores if name.startswith("knn") else {}, train_seconds=0.0)
+                        results.append(row)
+                        print(json.dumps({k2: v for k2, v in row.items() if k2 != "k_validation"}), flush=True)
+            write_results(complete=False)
     write_results(complete=True)
     print(Path(f"{stem}.md").read_text())
     return 0
