@@ -14,10 +14,11 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The compute context of every model call: mixed precision (bf16 on CPU or CUDA, fp16 on CUDA only, nothing
-    for fp32) and, on the CPU, the plain ("math") attention kernel.
+    for fp32) and, when training on the CPU (gradients enabled), the plain ("math") attention kernel.
 
-    The math kernel is faster than torch's fused CPU attention for our short sequences (50 tokens): +18% paper-
-    preset and +26% cpu-preset bf16 training throughput on a 2-core EPYC (benchmarks/results/speed.md).
+    For our short sequences (50 tokens) the math kernel's backward is faster than torch's fused CPU attention:
+    bf16 training throughput x1.12 (paper preset) and x1.27 (cpu preset) on a 2-core EPYC, while for inference
+    the fused kernel stays ahead (math x0.96, paper preset) (benchmarks/results/speed.md, "Findings").
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -29,7 +30,7 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 @contextlib.contextmanager
 def _compute_context(device: torch.device, precision: str) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
-        if device.type == "cpu":
+        if device.type == "cpu" and torch.is_grad_enabled():
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
