@@ -299,6 +299,10 @@ def test_faiss_approximate_kinds(
         ivf.add(bank)
     assert "nlist=200 exceeds the 101 training vectors" in caplog.text
     np.testing.assert_array_equal(ivf.search(queries, 5)[1], ref_idx)
+    # the quantiser trained on a sample of the bank: still exhaustive (and exact) with every list visited
+    sampled = FaissIndex(kind="ivf", nlist=10, nprobe=10, training_points=40)
+    sampled.add(bank)
+    np.testing.assert_array_equal(sampled.search(queries, 5)[1], ref_idx)
     hnsw = FaissIndex(kind="hnsw", hnsw_m=8, ef_search=64)
     hnsw.add(bank)
     _, idx = hnsw.search(queries, 5)

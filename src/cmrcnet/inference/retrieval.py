@@ -351,7 +351,10 @@ class FaissIndex:
         "flat": `IndexFlatIP`, exact (tie order is faiss's).
         "ivf": `IndexIVFFlat` with `nlist` inverted lists (clamped to the number of vectors in the first `add`,
             which also trains the coarse quantiser, so it should be a representative sample) and `nprobe`
-            lists visited per query. Approximate; may return idx -1 when fewer than k candidates are found.
+            lists visited per query. The quantiser is trained on a seeded random sample of at most
+            `training_points` vectors (1e6 bank spots: build 14.1 s -> 5.3 s, recall@50 0.984 -> 0.997 at
+            nprobe 12; benchmarks/results/speed.md). Approximate; may return idx -1 when fewer than k
+            candidates are found.
         "hnsw": `IndexHNSWFlat` with `hnsw_m` links per node, `ef_construction` and `ef_search`. Approximate.
 
     `search` returns numpy arrays sims (Q, k) float32 and idx (Q, k) int64; missing neighbours have idx -1 and
@@ -367,6 +370,7 @@ class FaissIndex:
         hnsw_m: int = 32,
         ef_construction: int = 200,
         ef_search: int = 128,
+        training_points: int = 65536,
     ) -> None:
         if kind not in FAISS_KINDS:
             raise ConfigError(f"unknown faiss index kind {kind!r}; choose one of {', '.join(FAISS_KINDS)}")
@@ -376,6 +380,7 @@ class FaissIndex:
             ("hnsw_m", hnsw_m),
             ("ef_construction", ef_construction),
             ("ef_search", ef_search),
+            ("training_points", training_points),
         ):
             _check_positive(value, name)
         self._faiss = _import_faiss()
@@ -385,6 +390,7 @@ class FaissIndex:
         self.hnsw_m = hnsw_m
         self.ef_construction = ef_construction
         self.ef_search = ef_search
+        self.training_points = training_points
         self._index: Any = None
         self._quantiser: Any = None
 
@@ -412,7 +418,11 @@ class FaissIndex:
             )
         quantiser = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantiser, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(x)
+        if x.shape[0] > self.training_points:
+            pick = np.random.default_rng(0).choice(x.shape[0], size=max(self.training_points, nlist), replace=False)
+            index.train(x[np.sort(pick)])
+        else:
+            index.train(x)
         self._quantiser = quantiser  # the IVF index does not own its quantiser; keep it alive
         return index
 
