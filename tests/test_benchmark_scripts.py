@@ -29,3 +29,16 @@ def test_her2st_accuracy_quick(shared_data: Path, tmp_path: Path) -> None:
     assert mean["pcc_heg50"] is None and mean["mse"] > 0  # a constant prediction has no PCC
     assert "QUICK" in Path(f"{stem}.md").read_text()
     assert record["encoders"]["loso-test-C2"]["pretraining"]["transductive"] is False
+
+
+def test_speed_quick(tmp_path: Path) -> None:
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(out),
+           "--workdir", str(tmp_path / "work"), "--max-wait", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["quick"] is True
+    assert {"peak", "train", "inference", "retrieval", "slide"} <= set(report["sections"])
+    assert {n: s["error"] for n, s in report["sections"].items() if "error" in s} == {}
+    assert out.with_suffix(".md").is_file()
