@@ -1231,6 +1231,8 @@ def sec_slide(p: dict, out: dict, workdir: Path | None) -> None:
     env_path = os.pathsep.join(x for x in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if x)
     os.environ["PYTHONPATH"] = env_path  # children import the working tree too
     rows, baselines, training = [], {}, {}
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir, prefix="speed_slide_") as tmp:
         root = Path(tmp)
         slides = {}
