@@ -285,7 +285,8 @@ def baseline_predictions(ds: Path, run: Path, ref_pred: Path, out_dir: Path, k_k
     samples = sorted(set(train_spots) | set(val_spots))
     train = load_spot_table(data, samples, genes, img_size=224, target_sum=1e4, progress=False)
     test_ids = list(dict.fromkeys(ref.obs["sample_id"].astype(str)))
-    test = load_spot_table(data, test_ids, genes, img_size=224, target_sum=1e4, progress=False)
+    # only the test patches are used (a test section may lack a modelled gene, as predict allows)
+    test = load_spot_table(data, test_ids, None, img_size=224, target_sum=1e4, progress=False)
     assert test.keys() == list(ref.obs_names), "spot order differs from the reference prediction"
     e_tr = train.expr.numpy()
     ftr, fte = _features(train.images), _features(test.images)
