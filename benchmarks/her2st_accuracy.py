@@ -429,8 +429,11 @@ def merge(paths: list[Path], stem: Path) -> int:
     """One result file from several partial ones (e.g. folds run in parallel processes)."""
     records = [json.loads(p.read_text()) for p in paths]
     rec = dict(records[0])
-    rec["runs"] = [r for x in records for r in x["runs"]]
+    unique = {(r["protocol"], r["test"], r["method"], r["seed"]): r for x in records for r in x["runs"]}
+    rec["runs"] = list(unique.values())  # a run present in several files (re-evaluated) counts once
     rec["encoders"] = {k: v for x in records for k, v in x["encoders"].items()}
+    rec["variants"] = {k: v for x in records for k, v in x["variants"].items()}
+    rec["seeds"] = sorted({s for x in records for s in x["seeds"]})
     rec["complete"] = all(x["complete"] for x in records)
     rec["wall_seconds"] = max(x["wall_seconds"] for x in records)
     rec["command"] = " && ".join(x["command"] for x in records) + " (merged)"
