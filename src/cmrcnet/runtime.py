@@ -16,9 +16,10 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     """The compute context of every model call: mixed precision (bf16 on CPU or CUDA, fp16 on CUDA only, nothing
     for fp32) and, when training on the CPU (gradients enabled), the plain ("math") attention kernel.
 
-    For our short sequences (50 tokens) the math kernel's backward is faster than torch's fused CPU attention:
-    bf16 training throughput x1.12 (paper preset) and x1.27 (cpu preset) on a 2-core EPYC, while for inference
-    the fused kernel stays ahead (math x0.96, paper preset) (benchmarks/results/speed.md, "Findings").
+    For our short sequences (50 tokens) the math kernel's backward was faster than torch's fused CPU attention in
+    standalone paired checks during development on a 2-core EPYC (bf16 training x1.05-1.09 paper preset, x1.24 cpu
+    preset); the committed full run (benchmarks/results/speed.md) shows x1.00, so the gain is small at best. For
+    inference the two are within a few percent and torch's default is kept.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")

@@ -352,7 +352,7 @@ class FaissIndex:
         "ivf": `IndexIVFFlat` with `nlist` inverted lists (clamped to the number of vectors in the first `add`,
             which also trains the coarse quantiser, so it should be a representative sample) and `nprobe`
             lists visited per query. The quantiser is trained on a seeded random sample of at most
-            `training_points` vectors (1e6 bank spots: build 14.1 s -> 5.3 s, recall@50 0.984 -> 0.997 at
+            `training_points` vectors (1e6 bank spots: build 16.0 s -> 7.2 s, recall@50 0.984 -> 0.997 at
             nprobe 12; benchmarks/results/speed.md). Approximate; may return idx -1 when fewer than k
             candidates are found.
         "hnsw": `IndexHNSWFlat` with `hnsw_m` links per node, `ef_construction` and `ef_search`. Approximate.
