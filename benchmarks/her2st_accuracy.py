@@ -477,7 +477,9 @@ def markdown(rec: dict) -> str:
         "",
         f"Command: `{rec['command']}`  ",
         f"Commit {rec['commit']}, {rec['machine']['cpu']} ({rec['machine']['cores']} cores), torch "
-        f"{rec['machine']['torch']}; wall time {rec['wall_seconds'] / 60:.1f} min; seeds {rec['seeds']}.",
+        f"{rec['machine']['torch']}; wall time {rec['wall_seconds'] / 60:.1f} min; seeds run: "
+        f"{sorted({r['seed'] for r in rec['runs'] if r['seed'] is not None})} (the `runs` column counts (test "
+        "section, seed) pairs; rows with fewer runs cover fewer sections or seeds, see the per-section table).",
         "",
         "Mean ± sample std over every (test section, seed) run; PCC per gene within the test section, averaged "
         "over the gene set (EVALUATION.md). `mean` predicts a constant, so its PCC is undefined (n/a). "
@@ -491,14 +493,27 @@ def markdown(rec: dict) -> str:
                        "optimistic)"}
     for protocol, by_method in rec["summary"].items():
         lines += [f"## {titles.get(protocol, protocol)}", "",
-                  "| method | runs | HEG-50 PCC | HVG-50 PCC | all-gene PCC | markers PCC | MSE | MAE | gene-gene corr |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| method | runs | test sections | HEG-50 PCC | HVG-50 PCC | all-gene PCC | markers PCC | MSE | MAE "
+                  "| gene-gene corr |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         order = sorted(by_method, key=lambda m: -(by_method[m]["pcc_heg50"]["mean"] or -9))
         for m in order:
             s = by_method[m]
-            lines.append(f"| {m} | {s['n_runs']} | {_cell(s['pcc_heg50'])} | {_cell(s['pcc_hvg50'])} | "
+            lines.append(f"| {m} | {s['n_runs']} | {','.join(s['tests'])} | {_cell(s['pcc_heg50'])} | "
+                         f"{_cell(s['pcc_hvg50'])} | "
                          f"{_cell(s['pcc_all'])} | {_cell(s['pcc_markers'])} | {_cell(s['mse'])} | "
                          f"{_cell(s['mae'])} | {_cell(s['gene_gene_corr'])} |")
+        lines.append("")
+        tests = sorted({r["test"] for r in rec["runs"] if r["protocol"] == protocol})
+        lines += ["HEG-50 PCC per test section (mean over the seeds run; n = seeds):", "",
+                  "| method | " + " | ".join(tests) + " |", "|---|" + "---|" * len(tests)]
+        for m in order:
+            cells = []
+            for t in tests:
+                vals = [r["pcc_heg50"] for r in rec["runs"] if r["protocol"] == protocol and r["method"] == m
+                        and r["test"] == t and r["pcc_heg50"] is not None]
+                cells.append(f"{np.mean(vals):.3f} (n={len(vals)})" if vals else "")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Variants", ""]
     for v, d in rec["variants"].items():
