@@ -436,6 +436,7 @@ def merge(paths: list[Path], stem: Path) -> int:
     rec["seeds"] = sorted({s for x in records for s in x["seeds"]})
     rec["complete"] = all(x["complete"] for x in records)
     rec["wall_seconds"] = max(x["wall_seconds"] for x in records)
+    rec["wall_seconds_sum_of_parts"] = round(sum(x["wall_seconds"] for x in records), 1)
     rec["command"] = " && ".join(x["command"] for x in records) + " (merged)"
     rec["merged_from"] = [{"file": str(p), "commit": x["commit"], "machine": x["machine"]}
                           for p, x in zip(paths, records, strict=True)]
@@ -477,7 +478,10 @@ def markdown(rec: dict) -> str:
         "",
         f"Command: `{rec['command']}`  ",
         f"Commit {rec['commit']}, {rec['machine']['cpu']} ({rec['machine']['cores']} cores), torch "
-        f"{rec['machine']['torch']}; wall time {rec['wall_seconds'] / 60:.1f} min; seeds run: "
+        f"{rec['machine']['torch']}; wall time {rec['wall_seconds'] / 60:.1f} min"
+        + (f" (longest of the merged parts; parts together {rec['wall_seconds_sum_of_parts'] / 60:.1f} min, "
+           "runs reused from earlier, interrupted attempts are not counted)" if rec.get("merged_from") else "")
+        + "; seeds run: "
         f"{sorted({r['seed'] for r in rec['runs'] if r['seed'] is not None})} (the `runs` column counts (test "
         "section, seed) pairs; rows with fewer runs cover fewer sections or seeds, see the per-section table).",
         "",
