@@ -55,7 +55,7 @@ from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.evaluation.evaluate import evaluate_predictions
 from cmrcnet.inference.model_io import load_trained_model
 from cmrcnet.inference.predict import predict_samples
-from cmrcnet.models.handcrafted import handcrafted_features
+from cmrcnet.models.handcrafted import patch_features
 from cmrcnet.runtime import autocast_context
 from cmrcnet.training.config import load_run_config
 from cmrcnet.training.pretrain import PretrainConfig, SlideSource, pretrain_encoder
@@ -207,14 +207,9 @@ def _heg(expr: np.ndarray, n: int = 50) -> np.ndarray:
     return np.argsort(-expr.mean(0), kind="stable")[:n]
 
 
-def _features(images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([handcrafted_features(augment(images[i:i + 256], torch.Generator(), flips=False, rot90=False))
-                      for i in range(0, len(images), 256)])
-
-
 def knn_k_on_validation(ds: Path, run: Path, genes: list[str]) -> tuple[int, dict]:
     tr, va = _tables(ds, run, genes, 224)
-    ftr, fva = _features(tr.images), _features(va.images)
+    ftr, fva = patch_features(tr.images), patch_features(va.images)
     mu, sd = ftr.mean(0), ftr.std(0).clamp_min(1e-6)
     dist = torch.cdist((fva - mu) / sd, (ftr - mu) / sd)
     e_tr, e_va = tr.expr.numpy(), va.expr.numpy()
@@ -289,7 +284,7 @@ def baseline_predictions(ds: Path, run: Path, ref_pred: Path, out_dir: Path, k_k
     test = load_spot_table(data, test_ids, None, img_size=224, target_sum=1e4, progress=False)
     assert test.keys() == list(ref.obs_names), "spot order differs from the reference prediction"
     e_tr = train.expr.numpy()
-    ftr, fte = _features(train.images), _features(test.images)
+    ftr, fte = patch_features(train.images), patch_features(test.images)
     mu, sd = ftr.mean(0), ftr.std(0).clamp_min(1e-6)
     nn_idx = torch.cdist((fte - mu) / sd, (ftr - mu) / sd).topk(k_knn, largest=False).indices.numpy()
     preds = {"mean": np.repeat(e_tr.mean(0, keepdims=True), len(test), axis=0),

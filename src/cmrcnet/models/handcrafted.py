@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmrcnet.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from cmrcnet.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, images_to_float
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,17 @@ def handcrafted_features(images: torch.Tensor) -> torch.Tensor:
         hist,
     ]
     return torch.cat(columns, dim=1)  # (B, N_FEATURES)
+
+
+@torch.no_grad()
+def patch_features(patches: torch.Tensor, *, chunk: int = 256) -> torch.Tensor:
+    """Raw features of uint8 patches (N, S, S, 3) -> float32 (N, N_FEATURES), computed `chunk` patches at a time."""
+    return torch.cat(
+        [
+            handcrafted_features(images_to_float(patches[i : i + chunk], layout="nhwc"))
+            for i in range(0, len(patches), chunk)
+        ]
+    )
 
 
 class HandcraftedFeatures(nn.Module):

@@ -36,7 +36,7 @@ from cmrcnet.errors import CheckpointError, ConfigError
 from cmrcnet.models import build_model
 from cmrcnet.models.config import ModelConfig
 from cmrcnet.models.encoders import load_encoder_weights
-from cmrcnet.models.handcrafted import handcrafted_features
+from cmrcnet.models.handcrafted import patch_features
 from cmrcnet.plotting.curves import plot_loss_curve
 from cmrcnet.runtime import autocast_context
 from cmrcnet.training.checkpoint import load_checkpoint, save_checkpoint
@@ -200,19 +200,7 @@ class Trainer:
             if self.frozen_train is not None:
                 raw = self.frozen_train.features
             else:
-                raw = torch.cat(
-                    [
-                        handcrafted_features(
-                            augment(
-                                self.train_set.images[i : i + 256],
-                                torch.Generator(),
-                                flips=False,
-                                rot90=False,
-                            )
-                        )
-                        for i in range(0, len(self.train_set), 256)
-                    ]
-                )
+                raw = patch_features(self.train_set.images)
             self.model.handcrafted.fit(raw.to(self.device))
             self.ema = EMA(self.model, t.ema_decay)  # the EMA starts from the fitted standardisation
 
@@ -350,7 +338,7 @@ class Trainer:
         gather: Callable | None = gather_with_grad if self.dist.enabled else None
         if self.frozen_train is not None:
             variant = torch.randint(0, len(self.frozen_train.variants), (len(idx),), generator=gen)
-            tokens, features = self._frozen_inputs(self.frozen_train, idx, variant)
+            tokens, features = self._frozen_inputs(self.model, self.frozen_train, idx, variant)
             with autocast_context(self.device, t.precision):
                 return self.ddp(None, expr, gather=gather, tokens=tokens, features=features)
         images = (
@@ -368,22 +356,20 @@ class Trainer:
             return self.ddp(images, expr, gather=gather)
 
     def _frozen_inputs(
-        self, feats: FrozenFeatures, idx: torch.Tensor, variant: torch.Tensor
+        self, model: nn.Module, feats: FrozenFeatures, idx: torch.Tensor, variant: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cached tokens of spots `idx` under `variant`, and their features standardised by `model`."""
         tokens = feats.tokens[idx, variant].to(self.device, torch.float32)  # (B, T, C)
         features = None
-        if self.model.handcrafted is not None:
-            features = self.model.handcrafted.standardise(feats.features[idx].to(self.device))
+        if model.handcrafted is not None:
+            features = model.handcrafted.standardise(feats.features[idx].to(self.device))
         return tokens, features
 
     def _val_batch_loss(self, model: nn.Module, idx: torch.Tensor) -> float:
         expr = self.val_set.expr[idx].to(self.device)
         if self.frozen_val is not None:
-            tokens, features = self._frozen_inputs(
-                self.frozen_val, idx, torch.zeros(len(idx), dtype=torch.long)
-            )
-            if features is not None and model is not self.model:
-                features = model.handcrafted.standardise(self.frozen_val.features[idx].to(self.device))
+            identity = torch.zeros(len(idx), dtype=torch.long)
+            tokens, features = self._frozen_inputs(model, self.frozen_val, idx, identity)
             with autocast_context(self.device, self.tcfg.precision):
                 return float(model(None, expr, tokens=tokens, features=features)["loss"])
         images = augment(self.val_set.images[idx], torch.Generator(), flips=False, rot90=False)
