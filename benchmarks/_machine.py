@@ -1,4 +1,9 @@
-"""Machine description and matmul peak shared by the benchmark scripts."""
+"""Machine description and matmul peak shared by the benchmark scripts.
+
+Every result records the CPU model, the flags that decide bf16 speed (avx2, avx512f, avx512_bf16, amx), torch's
+CPU capability and the GEMM probe behind `--precision auto` (cmrcnet.runtime), so numbers from different
+machines are never mixed unknowingly.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import sys
 import time
 
 import torch
+
+from cmrcnet.runtime import cpu_description, cpu_gemm_probe, cpu_line, resolve_precision
 
 
 def git_commit() -> str:
@@ -21,17 +28,15 @@ def git_commit() -> str:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    desc = cpu_description()
+    probe = cpu_gemm_probe()
     return {
-        "cpu": cpu,
+        "cpu": desc["cpu"],
+        "cpu_line": cpu_line(desc),
+        "cpu_flags": desc["flags"],
+        "torch_cpu_capability": desc["torch_cpu_capability"],
+        "precision_probe": {k: probe[k] for k in ("fp32_gflops", "bf16_gflops", "bf16_speedup", "gemm")},
+        "precision_auto": resolve_precision("auto", "cpu").precision,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -42,16 +47,27 @@ def machine_info() -> dict:
 
 
 def matmul_peak_gflops(
-    dtype: torch.dtype, *, sizes: tuple[int, ...] = (1024, 2048, 4096), repeats: int = 5
+    dtype: torch.dtype,
+    *,
+    sizes: tuple[int, ...] = (1024, 2048, 4096),
+    repeats: int = 5,
+    max_product_s: float = 2.0,
 ) -> float:
-    """Best GFLOP/s of square matmuls over `sizes` and `repeats` on the CPU (the machine's practical limit)."""
+    """Best GFLOP/s of square matmuls over `sizes` and `repeats` on the CPU (the machine's practical limit).
+
+    Sizes stop growing once one product takes longer than `max_product_s` (bf16 on a CPU without native bf16
+    runs at about 1 GFLOP/s: one 4096^3 product would take two minutes)."""
     best = 0.0
     for n in sizes:
         a = torch.randn(n, n).to(dtype)
         b = torch.randn(n, n).to(dtype)
+        t0 = time.perf_counter()
         a @ b  # warm-up
-        for _ in range(repeats):
+        slow = time.perf_counter() - t0 > max_product_s
+        for _ in range(1 if slow else repeats):
             t0 = time.perf_counter()
             a @ b
             best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+        if slow:
+            break
     return best

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,7 +33,9 @@ def test_her2st_accuracy_quick(shared_data: Path, tmp_path: Path) -> None:
     assert record["encoders"]["loso-test-C2"]["pretraining"]["transductive"] is False
 
 
+@pytest.mark.extra
 def test_speed_quick(tmp_path: Path) -> None:
+    """Without faiss the retrieval section measures exact search only and says so; with it, faiss rows too."""
     out = tmp_path / "speed.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(out),
            "--workdir", str(tmp_path / "work"), "--max-wait", "0"]
@@ -42,3 +46,13 @@ def test_speed_quick(tmp_path: Path) -> None:
     assert {"peak", "train", "inference", "retrieval", "slide"} <= set(report["sections"])
     assert {n: s["error"] for n, s in report["sections"].items() if "error" in s} == {}
     assert out.with_suffix(".md").is_file()
+    retrieval = report["sections"]["retrieval"]
+    methods = {r["method"] for r in retrieval["results"]}
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        assert "faiss is not installed" in retrieval["faiss_skipped"]
+        assert methods == {"exact torch chunked (ExactIndex)"}
+    else:
+        assert "faiss flat (FaissIndex kind=flat)" in methods and "faiss_skipped" not in retrieval
+    assert all(r["bank_retriever_predict_ms"] > 0 for r in retrieval["slide_batch_retrieval"])

@@ -17,6 +17,7 @@ from pathlib import Path
 from cmrcnet import __version__
 from cmrcnet.constants import DEFAULT_FOV_UM, DEFAULT_PATCH_PX
 from cmrcnet.errors import CmrcnetError, ConfigError, InputFileError
+from cmrcnet.runtime import PRECISION_CHOICES
 
 logger = logging.getLogger("cmrcnet")
 
@@ -41,6 +42,23 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `cmrcnet train: error: argument --precision: invalid choice ...`, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+PRECISION_HELP = (
+    "compute precision: auto (default: bf16 on GPUs that support it, else fp16; on the CPU bf16 only where a "
+    "short GEMM probe measures it faster than fp32, else fp32), fp32, bf16, fp16 (CUDA only)"
+)
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help=PRECISION_HELP)
 
 
 def _id_list(text: str) -> list[str]:
@@ -136,6 +154,7 @@ def _add_demo(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--slides", type=_positive_int, default=4, help="number of synthetic slides (default 4)")
     p.add_argument("--epochs", type=_positive_int, default=8, help="training epochs (default 8)")
+    _add_precision(p)
     p.set_defaults(handler=_run_demo)
 
 
@@ -143,7 +162,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     from cmrcnet.demo import run_demo
 
     report = run_demo(
-        args.out, seed=args.seed, n_slides=args.slides, epochs=args.epochs, progress=not args.quiet
+        args.out,
+        seed=args.seed,
+        n_slides=args.slides,
+        epochs=args.epochs,
+        precision=args.precision,
+        progress=not args.quiet,
     )
     print("\n".join(report))
     return 0
@@ -170,7 +194,7 @@ def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--batch-size", type=_positive_int, help="spots per optimiser step")
     p.add_argument("--lr", type=_positive_float, help="peak learning rate")
     p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="mixed precision (default bf16)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, help=PRECISION_HELP)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--genes", choices=["strict", "paper"], help="gene selection protocol (default strict)")
     p.add_argument("--n-genes", type=_positive_int, help="number of highly variable genes (strict mode)")
@@ -283,7 +307,7 @@ def _add_pretrain(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--lr", type=_positive_float, help="peak learning rate (default 5e-4)")
     p.add_argument("--fov-um", type=_positive_float, help="tile side in micrometres (default 112)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="mixed precision (default bf16)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, help=PRECISION_HELP)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.set_defaults(handler=_run_pretrain)
 
@@ -389,9 +413,7 @@ def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--checkpoint", choices=["best.pt", "last.pt"], help="default: the run's `select` setting")
     p.add_argument("--ema", action="store_true", default=None, help="use the EMA weights")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="patches per forward pass")
-    p.add_argument(
-        "--precision", choices=["fp32", "bf16", "fp16"], default="bf16", help="inference precision"
-    )
+    _add_precision(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(handler=_run_predict)
 
@@ -493,6 +515,7 @@ def _add_cv(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) ->
     p.add_argument("--markers", help="comma-separated marker genes or a file with one gene per line")
     p.add_argument("--protocol", choices=["strict", "paper"], default="strict", help="gene-set protocol")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, help=PRECISION_HELP + "; overrides the config")
     p.add_argument("--plots", action="store_true", help="draw expression maps for every fold (slow)")
     p.set_defaults(handler=_run_cv)
 
@@ -512,6 +535,7 @@ def _run_cv(args: argparse.Namespace) -> int:
         k=args.k,
         split_seed=args.split_seed,
         epochs=args.epochs,
+        precision=args.precision,
         markers=parse_markers(args.markers),
         protocol=args.protocol,
         device=args.device,
@@ -564,9 +588,7 @@ def _add_predict_slide(sub: argparse._SubParsersAction, common: argparse.Argumen
     )
     p.add_argument("--k", type=_positive_int, help="neighbours to average (default from the run)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="tiles per forward pass (default 64)")
-    p.add_argument(
-        "--precision", choices=["bf16", "fp32", "fp16"], default="bf16", help="inference precision"
-    )
+    _add_precision(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
         "--reader", choices=["auto", "openslide", "tifffile", "pillow"], default="auto", help="slide back end"
@@ -666,12 +688,12 @@ SUBCOMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cmrcnet",
         description="Predict spatially resolved gene expression from H&E histology (CMRCNet).",
     )
     parser.add_argument("--version", action="version", version=f"cmrcnet {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
     common.add_argument("--verbose", action="store_true", help="debug logging")
     common.add_argument("--debug", action="store_true", help="show tracebacks for errors")

@@ -26,9 +26,10 @@ def run_demo(
     seed: int = 0,
     n_slides: int = 4,
     epochs: int = 8,
+    precision: str = "auto",
     progress: bool = True,
 ) -> list[str]:
-    """Run the demo into `out`; return report lines for printing."""
+    """Run the demo into `out`; return report lines for printing. `precision`: see `resolve_precision`."""
     from cmrcnet.evaluation.evaluate import evaluate_predictions
     from cmrcnet.inference.predict import predict_samples
     from cmrcnet.training.config import load_run_config
@@ -58,6 +59,7 @@ def run_demo(
     run_cfg = load_run_config("cpu")
     run_cfg.train.epochs = epochs
     run_cfg.train.seed = seed
+    run_cfg.train.precision = precision
     run_dir = out / "run"
     result = train_run(
         data_dir=dataset,
@@ -73,8 +75,10 @@ def run_demo(
         f"{result.best_val_loss:.4f} at epoch {result.best_epoch + 1}; run folder {run_dir}"
     )
     pred_path = out / "prediction.h5ad"
-    adata = predict_samples(run_dir, dataset, test_ids, pred_path, progress=progress)
-    lines.append(f"4. predicted {adata.n_obs} spots x {adata.n_vars} genes of held-out {test_ids} -> {pred_path}")
+    adata = predict_samples(run_dir, dataset, test_ids, pred_path, precision=precision, progress=progress)
+    lines.append(
+        f"4. predicted {adata.n_obs} spots x {adata.n_vars} genes of held-out {test_ids} -> {pred_path}"
+    )
     report = out / "evaluation"
     metrics = evaluate_predictions(pred_path, dataset, report, plots=True)
     overall = metrics["overall"]

@@ -108,6 +108,9 @@ def test_predict_writes_anndata_with_provenance(trained: tuple[Path, Path], tmp_
     assert (
         info["method"] == "cmrcnet" and info["k"] == 5 and list(info["train_samples"]) == ["synS1", "synS2"]
     )
+    # the CLI default is auto: the precision used and the reason are recorded
+    assert info["precision_requested"] == "auto" and info["precision"] in ("fp32", "bf16")
+    assert "GFLOP/s on this CPU" in info["precision_reason"]
     assert np.isfinite(a.X).all() and (a.X >= 0).all()
 
 

@@ -161,8 +161,9 @@ def test_ome_tiff_and_plain_tiff(tmp_path: Path) -> None:
         assert r.pixel_size_um is None
 
 
+@pytest.mark.extra
 def test_openslide_reader_matches_tifffile(tmp_path: Path) -> None:
-    pytest.importorskip("openslide")
+    pytest.importorskip("openslide", reason="optional extra not installed: pip install -e \".[slide]\"")
     img = draw_slide(300, 260)
     path = tmp_path / "chain.tif"  # levels in the main IFD chain: OpenSlide's generic-tiff layout
     with tifffile.TiffWriter(path) as tw:

@@ -76,3 +76,28 @@ def test_masking_in_eval_mode_follows_the_option() -> None:
     assert not torch.equal(always(tokens, expr), always(tokens, expr))  # the reference masks in eval too
     train_only = _reconstructor(mask_in_eval=False).eval()
     torch.testing.assert_close(train_only(tokens, expr), train_only(tokens, expr))
+
+
+def test_cross_attention_input_projections_are_one_xavier_matrix() -> None:
+    """As the reference's MultiheadAttention: q, k and v projections drawn xavier-uniform as one (3 d, d) matrix,
+    so each part has bound sqrt(6 / (4 d)), not the sqrt(6 / (2 d)) of separate (d, d) draws."""
+    cross = _reconstructor().cross
+    d = cross.q.in_features
+    joint = torch.cat([cross.q.weight, cross.kv.weight]).detach()  # (3 d, d)
+    bound = (6.0 / (4 * d)) ** 0.5
+    assert joint.abs().max().item() <= bound
+    for part in (cross.q.weight, cross.kv.weight):
+        assert part.abs().max().item() > 0.99 * bound  # uniform up to the joint bound
+        assert part.std().item() == pytest.approx(bound / 3**0.5, rel=0.03)
+    assert all(torch.all(layer.bias == 0) for layer in (cross.q, cross.kv, cross.proj))
+
+
+def test_reconstruction_branch_other_layers_keep_torch_defaults() -> None:
+    """The reference builds the rest of the branch with torch's default Linear initialisation
+    (kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in)))."""
+    rec = _reconstructor()
+    layer = rec.image_tokens  # Linear(width 32 -> 256)
+    bound = 1.0 / layer.in_features**0.5
+    assert layer.weight.abs().max().item() <= bound
+    assert layer.weight.abs().max().item() > 0.95 * bound
+    assert layer.bias.abs().max().item() > 0  # default biases are not zeroed

@@ -119,7 +119,10 @@ def test_wrong_types_are_refused(tmp_path: Path, text: str, match: str) -> None:
         ("train:\n  batch_size: 1\n", r"batch_size must be >= 2 \(contrastive loss\)"),
         ("train:\n  epochs: 0\n", r"epochs must be >= 1, got 0"),
         ("train:\n  val_fraction: 0\n", r"val_fraction must be in \(0, 1\)"),
-        ("train:\n  precision: fp8\n", r"precision must be one of \('fp32', 'bf16', 'fp16'\), got 'fp8'"),
+        (
+            "train:\n  precision: fp8\n",
+            r"precision must be one of \('auto', 'fp32', 'bf16', 'fp16'\), got 'fp8'",
+        ),
         ("train:\n  select: first\n", r"select must be 'best' or 'last'"),
         ("model:\n  img_size: 30\n", r"img_size 30 is not divisible by patch_size 8"),
         ("method: clip\n", r"unknown method 'clip'"),

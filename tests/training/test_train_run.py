@@ -207,3 +207,34 @@ def test_loss_goes_down_on_synthetic_data(
     frozen = train_tiny(tmp_path / "frozen", tiny_run_config(epochs=EPOCHS, lr=1e-8, min_lr=0.0))
     assert _drop(frozen.history, "train_loss") < 0.3
     assert abs(_drop(frozen.history, "val_loss")) < 0.01
+
+
+def test_run_json_records_the_precision_and_why(trained: tuple[Path, TrainResult]) -> None:
+    run_dir, _ = trained
+    assert _json(run_dir / RUN_FILE)["precision"] == {
+        "requested": "fp32",
+        "precision": "fp32",
+        "reason": "requested",
+        "probe": None,
+    }
+
+
+def test_auto_precision_is_resolved_recorded_and_kept_auto_in_the_config(
+    synthetic_ds: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cmrcnet import runtime
+
+    speeds = {torch.float32: 161.0, torch.bfloat16: 1.0}  # a CPU without native bf16
+    monkeypatch.setenv("CMRCNET_CACHE", str(tmp_path / "cache"))  # no probe of the real CPU on disk
+    monkeypatch.setattr(runtime, "_PROBES", {})
+    monkeypatch.setattr(runtime, "_measure_gemm", lambda dtype, **_: speeds[dtype])
+    cfg = load_run_config("tiny")
+    cfg.train.epochs, cfg.train.precision = 1, "auto"
+    run_dir = tmp_path / "run"
+    train_run(data_dir=synthetic_ds, train_samples=TRAIN_SAMPLES, out_dir=run_dir, config=cfg, progress=False)
+    recorded = _json(run_dir / RUN_FILE)["precision"]
+    assert recorded["requested"] == "auto" and recorded["precision"] == "fp32"
+    assert recorded["reason"].startswith("bf16 GEMM 1.0 vs fp32 161.0 GFLOP/s")
+    assert recorded["probe"]["bf16_speedup"] == pytest.approx(1 / 161, abs=1e-4)
+    # the config says what was asked for, so the run resumed on another machine measures again
+    assert load_run_config(run_dir / CONFIG_FILE).train.precision == "auto"

@@ -283,6 +283,7 @@ def run_cv(
     k: int = 5,
     split_seed: int = 0,
     epochs: int | None = None,
+    precision: str | None = None,
     markers: list[str] | None = None,
     protocol: str = "strict",
     device: str = "cpu",
@@ -301,6 +302,8 @@ def run_cv(
         config: preset name, YAML file or RunConfig; `epochs` overrides its epochs; `method` and `train.seed`
             are set per run.
         seeds: training seeds; every seed uses the same folds.
+        precision: overrides the config's precision ("auto", "fp32", "bf16", "fp16"; see
+            `cmrcnet.runtime.resolve_precision`).
         samples: sample ids to split (default: every sample of the dataset with an image).
         markers: marker genes for the evaluation (None: the default panel).
         protocol: "strict" (default) or "paper" (labelled in every output).
@@ -321,6 +324,8 @@ def run_cv(
     base = copy.deepcopy(config) if isinstance(config, RunConfig) else load_run_config(config)
     if epochs is not None:
         base.train.epochs = epochs
+    if precision is not None:
+        base.train.precision = precision
     plan = plan_folds(data_dir, split=split, samples=samples, k=k, split_seed=split_seed)
     folds = [Fold(**f) for f in plan["folds"]]
     patients = plan["patients"]

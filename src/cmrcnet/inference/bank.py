@@ -39,6 +39,28 @@ class Bank:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def without_sample(self, sample_id: str) -> Bank:
+        """The bank without `sample_id`'s own spots: a sample never retrieves itself (that would be a leak).
+
+        Logs a warning when there were such spots; a bank holding nothing else is a ConfigError."""
+        keep = np.array([k.split(":", 1)[0] != sample_id for k in self.keys], dtype=bool)
+        if keep.all():
+            return self
+        logger.warning(
+            "sample %s is in the reference bank: its own spots are excluded from its retrieval", sample_id
+        )
+        if not keep.any():
+            raise ConfigError(f"the reference bank holds no spots other than sample {sample_id}'s own")
+        idx = torch.from_numpy(np.flatnonzero(keep))
+        return Bank(
+            self.embeddings[idx],
+            self.expression[idx],
+            [k for k, m in zip(self.keys, keep, strict=True) if m],
+            [s for s in self.samples if s != sample_id],
+            self.genes,
+            self.fingerprint,
+        )
+
     def to_payload(self) -> dict:
         return {
             "kind": "bank",

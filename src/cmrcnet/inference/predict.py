@@ -19,8 +19,8 @@ from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.errors import ConfigError
 from cmrcnet.inference.bank import Bank, load_bank
 from cmrcnet.inference.model_io import TrainedModel, load_trained_model
-from cmrcnet.inference.retrieval import retrieve_expression
-from cmrcnet.runtime import autocast_context
+from cmrcnet.inference.retrieval import WEIGHTINGS, aggregate, make_index
+from cmrcnet.runtime import PrecisionChoice, autocast_context, resolve_precision
 from cmrcnet.training.spots import augment, load_spot_table
 
 logger = logging.getLogger(__name__)
@@ -32,14 +32,15 @@ def embed_patches(
     images: torch.Tensor,
     *,
     batch_size: int = 128,
-    precision: str = "bf16",
+    precision: str = "auto",
     progress: bool = False,
     regression: bool = False,
 ) -> torch.Tensor:
     """uint8 patches (N, S, S, 3) at the model's input size -> image embeddings (N, D) (or expression (N, G)
-    for the regression method when `regression`), fp32 on the CPU."""
+    for the regression method when `regression`), fp32 on the CPU. `precision` as in `resolve_precision`."""
     model = trained.model
     device = next(model.parameters()).device
+    precision = resolve_precision(precision, device).precision
     plain = torch.Generator()
     out = []
     for i in tqdm(
@@ -54,6 +55,39 @@ def embed_patches(
     return torch.cat(out) if out else torch.empty((0, width))
 
 
+class BankRetriever:
+    """A reference bank made ready once for many query batches (a whole slide, one sample's spots).
+
+    The search index is built, and the bank's embeddings normalised and checked, here rather than for every
+    batch. `exclude_sample`'s own spots are left out (`Bank.without_sample`).
+    """
+
+    def __init__(
+        self,
+        bank: Bank,
+        *,
+        k: int,
+        weighting: str = "mean",
+        backend: str = "exact",
+        exclude_sample: str | None = None,
+    ) -> None:
+        self.bank = bank if exclude_sample is None else bank.without_sample(exclude_sample)
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        if k > len(self.bank):
+            logger.warning("k=%d exceeds the bank's %d spots; using k=%d", k, len(self.bank), len(self.bank))
+        self.k = min(int(k), len(self.bank))
+        self.weighting = weighting
+        self.index = make_index(backend)
+        self.index.add(self.bank.embeddings)
+        self.expression = self.bank.expression.numpy()  # (N, G)
+
+    def predict(self, query: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(Q, D) image embeddings -> (Q, G) float32 predictions (mean or similarity-weighted neighbours)."""
+        sims, idx = self.index.search(query, self.k)
+        return np.asarray(aggregate(idx, sims, self.expression, weighting=self.weighting), dtype=np.float32)
+
+
 def predict_from_embeddings(
     query: torch.Tensor,
     query_samples: Sequence[str],
@@ -65,29 +99,11 @@ def predict_from_embeddings(
 ) -> np.ndarray:
     """Retrieval predictions (Q, G); a query never retrieves spots of its own sample (that would be a leak)."""
     preds = np.zeros((len(query), len(bank.genes)), dtype=np.float32)
-    bank_samples = np.array([key.split(":", 1)[0] for key in bank.keys])
     query_samples = np.asarray(query_samples)
     for sid in dict.fromkeys(query_samples.tolist()):
         rows = np.flatnonzero(query_samples == sid)
-        keep = bank_samples != sid
-        if not keep.all():
-            logger.warning(
-                "sample %s is in the reference bank: its own spots are excluded from its retrieval", sid
-            )
-        if not keep.any():
-            raise ConfigError(f"the reference bank holds no spots other than sample {sid}'s own")
-        sel = torch.from_numpy(np.flatnonzero(keep))
-        preds[rows] = np.asarray(
-            retrieve_expression(
-                query[torch.from_numpy(rows)].numpy(),
-                bank.embeddings[sel].numpy(),
-                bank.expression[sel].numpy(),
-                k=k,
-                weighting=weighting,
-                backend=backend,
-            ),
-            dtype=np.float32,
-        )
+        retriever = BankRetriever(bank, k=k, weighting=weighting, backend=backend, exclude_sample=sid)
+        preds[rows] = retriever.predict(query[torch.from_numpy(rows)])
     return preds
 
 
@@ -100,10 +116,14 @@ def prediction_provenance(
     weighting: str,
     backend: str,
     run_dir: str | Path,
+    precision: PrecisionChoice,
 ) -> dict:
     """What made a prediction, for `uns["cmrcnet"]` of every prediction file (spots or slide tiles)."""
     retrieval = bank is not None
     return {
+        "precision": precision.precision,
+        "precision_requested": precision.requested,
+        "precision_reason": precision.reason,
         "kind": kind,
         "values": "log1p(library-size normalised expression)",
         "method": trained.model_config.method,
@@ -137,11 +157,15 @@ def predict_samples(
     weighting: str | None = None,
     backend: str = "exact",
     batch_size: int = 128,
-    precision: str = "bf16",
+    precision: str = "auto",
     device: str = "cpu",
     progress: bool = True,
 ) -> ad.AnnData:
-    """Predict log1p expression for every spot of `samples` and write PRED.h5ad atomically."""
+    """Predict log1p expression for every spot of `samples` and write PRED.h5ad atomically.
+
+    `precision`: "auto" (default; measured, see `cmrcnet.runtime.resolve_precision`), "fp32", "bf16" or "fp16".
+    """
+    choice = resolve_precision(precision, device)
     trained = load_trained_model(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device)
     dataset = PreparedDataset(data_dir)
     samples = list(dict.fromkeys(samples))
@@ -168,7 +192,7 @@ def predict_samples(
         trained,
         table.images,
         batch_size=batch_size,
-        precision=precision,
+        precision=choice.precision,
         progress=progress,
         regression=regression,
     )
@@ -186,7 +210,14 @@ def predict_samples(
     adata.obsm[SPATIAL_KEY] = table.coords
     adata.uns[CMRCNET_UNS] = {
         **prediction_provenance(
-            trained, bank, kind="prediction", k=k, weighting=weighting, backend=backend, run_dir=run_dir
+            trained,
+            bank,
+            kind="prediction",
+            k=k,
+            weighting=weighting,
+            backend=backend,
+            run_dir=run_dir,
+            precision=choice,
         ),
         "data_dir": str(dataset.root.resolve()),
     }

@@ -32,7 +32,6 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -43,9 +42,10 @@ from cmrcnet.evaluation.localisation import SCORE_KEY, TUMOUR_KEY, tumour_score
 from cmrcnet.evaluation.markers import default_markers, default_tumour_markers
 from cmrcnet.inference.bank import Bank, load_bank
 from cmrcnet.inference.model_io import TrainedModel, load_trained_model
-from cmrcnet.inference.predict import embed_patches, predict_from_embeddings, prediction_provenance
+from cmrcnet.inference.predict import BankRetriever, embed_patches, prediction_provenance
 from cmrcnet.inference.slide_reader import SlideReader, open_slide, read_thumbnail
 from cmrcnet.inference.tissue import TissueConfig, TissueMask, detect_tissue
+from cmrcnet.runtime import resolve_precision
 from cmrcnet.training.spots import resize_uint8
 
 logger = logging.getLogger(__name__)
@@ -151,27 +151,6 @@ def read_tile(
     )
 
 
-def _bank_without(bank: Bank, sample_id: str) -> Bank:
-    """The bank without `sample_id`'s own spots (a slide must never retrieve itself)."""
-    keep = np.array([k.split(":", 1)[0] != sample_id for k in bank.keys], dtype=bool)
-    if keep.all():
-        return bank
-    logger.warning(
-        "sample %s is in the reference bank: its own spots are excluded from its retrieval", sample_id
-    )
-    if not keep.any():
-        raise ConfigError(f"the reference bank holds no spots other than sample {sample_id}'s own")
-    idx = torch.from_numpy(np.flatnonzero(keep))
-    return Bank(
-        bank.embeddings[idx],
-        bank.expression[idx],
-        [k for k, m in zip(bank.keys, keep, strict=True) if m],
-        [s for s in bank.samples if s != sample_id],
-        bank.genes,
-        bank.fingerprint,
-    )
-
-
 def resolve_slide_pixel_size(reader: SlideReader, user_um: float | None) -> tuple[float, str]:
     """The user's pixel size (warning when the metadata disagrees by more than 5 %), else the metadata's."""
     meta = reader.pixel_size_um
@@ -216,7 +195,7 @@ def predict_slide(
     markers: Sequence[str] | None = None,
     threshold: float | None = None,
     batch_size: int = 64,
-    precision: str = "bf16",
+    precision: str = "auto",
     device: str = "cpu",
     k: int | None = None,
     weighting: str | None = None,
@@ -240,6 +219,7 @@ def predict_slide(
             skipped; with none left, a given list is an error and the default is a warning (no score).
         threshold: tumour score at or above which a tile is called tumour (obs["tumour"] + a mask PNG).
         batch_size: tiles per forward pass (and per read batch).
+        precision: "auto" (default; measured, see `cmrcnet.runtime.resolve_precision`), "fp32", "bf16", "fp16".
         k, weighting: retrieval settings; default the run's.
         sample_id: the slide's id (default: file name without suffixes); bank spots of this id are excluded.
         min_tissue: fraction of a tile that must be tissue for the tile to be predicted.
@@ -255,6 +235,7 @@ def predict_slide(
     if step_um is not None and not step_um > 0:
         raise ConfigError(f"step must be a positive number of micrometres, got {step_um}")
     out_dir = Path(out_dir)
+    choice = resolve_precision(precision, device)
     trained = load_trained_model(model, device=device)
     fov_um = model_fov_um(trained)
     step_um = fov_um if step_um is None else float(step_um)
@@ -276,7 +257,7 @@ def predict_slide(
     with open_slide(slide, reader=reader) as slide_reader:
         slide_path = slide_reader.path
         sample_id = sample_id or _slide_id(slide_path)
-        bank = None if regression else _bank_without(load_bank(model, trained), sample_id)
+        bank = None if regression else load_bank(model, trained).without_sample(sample_id)
         um_per_px, px_source = resolve_slide_pixel_size(slide_reader, pixel_size_um)
         width, height = slide_reader.dimensions
         fov_px, step_px = fov_um / um_per_px, step_um / um_per_px
@@ -324,7 +305,7 @@ def predict_slide(
             k=k,
             weighting=weighting,
             batch_size=batch_size,
-            precision=precision,
+            precision=choice.precision,
             progress=progress,
         )
         seconds_pred = time.perf_counter() - t_pred
@@ -362,7 +343,14 @@ def predict_slide(
     }
     adata.uns[CMRCNET_UNS] = {
         **prediction_provenance(
-            trained, bank, kind="slide_prediction", k=k, weighting=weighting, backend="exact", run_dir=model
+            trained,
+            bank,
+            kind="slide_prediction",
+            k=k,
+            weighting=weighting,
+            backend="exact",
+            run_dir=model,
+            precision=choice,
         ),
         "slide": str(Path(slide_path).resolve()),
         "sample_id": sample_id,
@@ -453,6 +441,8 @@ def _predict_tiles(
     n = len(centers)
     img_size = int(trained.model_config.img_size)
     regression = bank is None
+    # the bank is indexed once for the whole slide (its own spots were removed by the caller)
+    retriever = None if regression else BankRetriever(bank, k=k, weighting=weighting)
     preds = np.zeros((n, len(trained.genes)), dtype=np.float32)  # (N, G)
 
     def read_batch(start: int) -> np.ndarray:
@@ -477,9 +467,7 @@ def _predict_tiles(
             if regression:
                 preds[start:stop] = emb.numpy()
             else:
-                preds[start:stop] = predict_from_embeddings(
-                    emb, [sample_id] * len(tiles), bank, k=k, weighting=weighting
-                )
+                preds[start:stop] = retriever.predict(emb)
             bar.update(len(tiles))
     return preds
 

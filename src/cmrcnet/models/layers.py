@@ -73,8 +73,10 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Standard multi-head attention: queries from one sequence, keys = values from another.
 
-    Weights as in torch's nn.MultiheadAttention (xavier-uniform input projections, zero biases), but computed
-    with F.scaled_dot_product_attention on batch-first tensors.
+    Initialised as torch's nn.MultiheadAttention and the reference's copy of it: the query, key and value
+    projections are one (3 dim, dim) matrix drawn xavier-uniform as a whole (bound sqrt(6 / (4 dim))), split
+    here into `q` (its first dim rows) and `kv` (the rest); input biases 0; output projection torch's default
+    Linear weights with bias 0. Computed with F.scaled_dot_product_attention on batch-first tensors.
     """
 
     def __init__(self, *, dim: int, heads: int) -> None:
@@ -83,8 +85,16 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
-        for layer in (self.q, self.kv):
-            nn.init.xavier_uniform_(layer.weight)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        in_proj = torch.empty(3 * self.q.in_features, self.q.in_features)  # (3 dim, dim), as one matrix
+        nn.init.xavier_uniform_(in_proj)
+        dim = self.q.out_features
+        with torch.no_grad():
+            self.q.weight.copy_(in_proj[:dim])
+            self.kv.weight.copy_(in_proj[dim:])
+        self.proj.reset_parameters()
         for layer in (self.q, self.kv, self.proj):
             nn.init.zeros_(layer.bias)
 

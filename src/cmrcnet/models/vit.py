@@ -69,13 +69,26 @@ class VisionTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Truncated normal (std 0.02, cut at 2 std) for linear/conv weights, class token and position embedding; zero biases;
-        LayerNorm weight 1, bias 0."""
-        _trunc_normal(self.pos_embed)
-        _trunc_normal(self.cls_token)
+        """The reference's initialisation (ngfufdrdh/CMRCNet `model/vit_model.py`, after timm's original ViT):
+
+        - Linear weights N(0, 0.01), biases 0;
+        - the patch-embedding convolution kaiming-normal (fan_out, ReLU gain: std sqrt(2 / (width * patch^2))),
+          bias 0;
+        - class token and position embedding N(0, 0.02);
+        - LayerNorm weight 1, bias 0.
+
+        The reference calls `trunc_normal_(t, std=s)` with torch's default bounds of +-2 (absolute, not multiples
+        of s), which for s <= 0.02 is a plain normal; we write it as one.
+        """
+        nn.init.normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=0.02)
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                _trunc_normal(module.weight)
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.01)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out")
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
@@ -83,16 +96,17 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, img_size, img_size) normalised floats (see `images_to_float`)."""
-        x = self.patch_embed(images)  # (B, n_patches, width)
-        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)  # (B, 1, width)
+        """images: (B, 3, img_size, img_size) normalised floats (see `images_to_float`).
+
+        The residual stream stays in the parameters' dtype (fp32) under autocast, as in the reference: the patch
+        embedding's low-precision output joins the fp32 class token and position embedding, each block adds its
+        (low-precision) branch outputs to the fp32 stream, and the LayerNorms run on fp32 inputs.
+        """
+        stream = self.pos_embed.dtype  # fp32, or the weights' own dtype for a model cast to bf16 as a whole
+        x = self.patch_embed(images).to(stream)  # (B, n_patches, width)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, width)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + n_patches, width)
-        x = self.pos_drop(x + self.pos_embed.to(x.dtype))
+        x = self.pos_drop(x + self.pos_embed)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
-
-
-def _trunc_normal(tensor: torch.Tensor, std: float = 0.02) -> None:
-    # torch's a/b bounds are absolute values, not multiples of std
-    nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)

@@ -18,7 +18,7 @@ import yaml
 from cmrcnet.data.genes import GeneSelectionConfig
 from cmrcnet.errors import ConfigError, InputFileError
 from cmrcnet.models.config import ENCODER_PRESETS, ModelConfig
-from cmrcnet.runtime import PRECISIONS
+from cmrcnet.runtime import PRECISION_CHOICES
 
 
 @dataclass
@@ -35,7 +35,8 @@ class TrainConfig:
     ema_decay: float = 0.99  # decay of the exponential moving average of the weights
     val_fraction: float = 0.2  # fraction of each training sample's spots held out for validation
     seed: int = 0  # seeds shuffling, augmentation, dropout, masking and the validation split
-    precision: str = "bf16"  # "fp32", "bf16" (CPU and CUDA) or "fp16" (CUDA only)
+    # "auto" (measured per machine, runtime.resolve_precision), "fp32", "bf16" (CPU and CUDA) or "fp16" (CUDA)
+    precision: str = "auto"
     augment_flips: bool = True  # random horizontal and vertical flips
     augment_rot90: bool = True  # random rotations by multiples of 90 degrees
     color_jitter: float = 0.0  # strength of random per-channel scale/shift in [0, 1] colour space (0: off)
@@ -43,7 +44,9 @@ class TrainConfig:
     num_threads: int = 0  # CPU threads for torch (0: torch's default)
     select: str = "best"  # checkpoint used for prediction: "best" (lowest validation loss) or "last"
     use_ema: bool = False  # predict with the EMA weights instead of the raw weights
-    feature_cache: str = ""  # folder of the frozen-encoder feature cache ("": $CMRCNET_CACHE or ~/.cache/cmrcnet)
+    feature_cache: str = (
+        ""  # folder of the frozen-encoder feature cache ("": $CMRCNET_CACHE or ~/.cache/cmrcnet)
+    )
 
     def validate(self) -> None:
         _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -57,7 +60,8 @@ class TrainConfig:
         _require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         _require(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         _require(
-            self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"
+            self.precision in PRECISION_CHOICES,
+            f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}",
         )
         _require(self.color_jitter >= 0, f"color_jitter must be >= 0, got {self.color_jitter}")
         _require(self.select in ("best", "last"), f"select must be 'best' or 'last', got {self.select!r}")

@@ -40,8 +40,8 @@ from cmrcnet.atomic import atomic_path, write_json, write_text
 from cmrcnet.errors import ConfigError, InputFileError
 from cmrcnet.models.config import ENCODER_PRESETS, ModelConfig
 from cmrcnet.models.encoders import build_image_encoder, file_sha256
-from cmrcnet.runtime import PRECISIONS, autocast_context
-from cmrcnet.training.spots import _normalise
+from cmrcnet.models.preprocess import normalise_unit_images
+from cmrcnet.runtime import PRECISION_CHOICES, autocast_context, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class PretrainConfig:
     proj_dim: int = 128  # output of the SimCLR projection MLP (discarded after pretraining)
     crop_min: float = 0.6  # smallest random crop, as a fraction of the tile side
     color_jitter: float = 0.05  # per-channel scale/shift strength in [0, 1] colour space (mild on purpose)
-    precision: str = "bf16"
+    precision: str = "auto"  # see runtime.resolve_precision
     seed: int = 0
     num_threads: int = 0  # CPU threads for torch (0: torch's default)
 
@@ -86,7 +86,7 @@ class PretrainConfig:
             (self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
             (0 < self.crop_min <= 1, f"crop_min must be in (0, 1], got {self.crop_min}"),
             (self.color_jitter >= 0, f"color_jitter must be >= 0, got {self.color_jitter}"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (self.precision in PRECISION_CHOICES, f"precision must be one of {PRECISION_CHOICES}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -227,7 +227,9 @@ def two_views(
     views = []
     for _ in range(2):
         scale = crop_min + (1 - crop_min) * torch.rand(b, generator=gen)  # crop side / tile side
-        shift = (1 - scale)[:, None] * (2 * torch.rand(b, 2, generator=gen) - 1)  # centre offset in [-1, 1] units
+        shift = (1 - scale)[:, None] * (
+            2 * torch.rand(b, 2, generator=gen) - 1
+        )  # centre offset in [-1, 1] units
         theta = torch.zeros(b, 2, 3)
         theta[:, 0, 0] = scale
         theta[:, 1, 1] = scale
@@ -244,7 +246,7 @@ def two_views(
             gain = 1 + color_jitter * (2 * torch.rand(b, 3, 1, 1, generator=gen) - 1)
             bias = 0.5 * color_jitter * (2 * torch.rand(b, 3, 1, 1, generator=gen) - 1)
             v = (v * gain + bias).clamp_(0, 1)
-        views.append(_normalise(v))
+        views.append(normalise_unit_images(v))
     return torch.cat(views).contiguous(memory_format=torch.channels_last)
 
 
@@ -303,6 +305,7 @@ def pretrain_encoder(
         torch.set_num_threads(config.num_threads)
     mcfg = config.model_config()
     dev = torch.device(device)
+    precision = resolve_precision(config.precision, dev, training=True)
     sample = sample_tissue_tiles(
         slides,
         n_tiles=config.n_tiles,
@@ -316,6 +319,7 @@ def pretrain_encoder(
     torch.manual_seed(config.seed)
     model = SimCLR(build_image_encoder(mcfg), config.proj_dim).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(dev.type) if precision.precision == "fp16" else None
     tiles = torch.from_numpy(sample.tiles)
     n = len(tiles)
     batch = min(config.batch_size, n)
@@ -339,12 +343,17 @@ def pretrain_encoder(
                 crop_min=config.crop_min,
                 color_jitter=config.color_jitter,
             ).to(dev)
-            with autocast_context(dev, config.precision):
+            with autocast_context(dev, precision.precision):
                 z = model(views)
             loss = nt_xent(z, config.temperature)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:  # fp16 (a CUDA GPU without bf16)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             running += float(loss.detach())
             step += 1
             bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{float(loss.detach()):.3f}")
@@ -364,6 +373,7 @@ def pretrain_encoder(
         tile_seconds=t_tiles,
         transductive=include_test_slides and bool(tests),
         command=command,
+        precision=precision.to_dict(),
     )
     return PretrainResult(out, losses, seconds, n)
 
@@ -380,6 +390,7 @@ def _write_encoder_dir(
     tile_seconds: float,
     transductive: bool,
     command: str | None,
+    precision: dict,
 ) -> None:
     from safetensors.torch import save_file
 
@@ -407,6 +418,7 @@ def _write_encoder_dir(
             "wall_seconds": round(seconds, 1),
             "tile_sampling_seconds": round(tile_seconds, 1),
             "command": command,
+            "precision": precision,
         },
     }
     write_json(out / ENCODER_JSON, info)  # written last: its presence marks a complete folder

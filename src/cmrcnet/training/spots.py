@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.genes import expression_matrix
 from cmrcnet.errors import InputFileError
-from cmrcnet.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from cmrcnet.models.preprocess import images_to_float, normalise_unit_images
 
 logger = logging.getLogger(__name__)
 
@@ -120,12 +120,6 @@ def load_spot_table(
     return SpotTable(img, torch.cat(exprs), sids, barcodes, np.concatenate(coords))
 
 
-def _normalise(x01: torch.Tensor) -> torch.Tensor:
-    m = torch.tensor(IMAGENET_MEAN, dtype=x01.dtype, device=x01.device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-    s = torch.tensor(IMAGENET_STD, dtype=x01.dtype, device=x01.device).view(1, 3, 1, 1)  # (1, 3, 1, 1)
-    return (x01 - m) / s
-
-
 def augment(
     images: torch.Tensor,
     generator: torch.Generator,
@@ -153,9 +147,10 @@ def augment(
             if len(sel):
                 rotated[sel] = torch.rot90(x[sel], turns, dims=(1, 2))
         x = rotated
+    if color_jitter <= 0:
+        return images_to_float(x, layout="nhwc")  # (B, 3, S, S), channels-last memory
     x01 = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
-    if color_jitter > 0:
-        scale = 1 + color_jitter * (2 * torch.rand(b, 3, 1, 1, generator=generator) - 1)  # (B, 3, 1, 1)
-        shift = 0.5 * color_jitter * (2 * torch.rand(b, 3, 1, 1, generator=generator) - 1)  # (B, 3, 1, 1)
-        x01 = (x01 * scale.to(x01.device) + shift.to(x01.device)).clamp_(0, 1)
-    return _normalise(x01)
+    scale = 1 + color_jitter * (2 * torch.rand(b, 3, 1, 1, generator=generator) - 1)  # (B, 3, 1, 1)
+    shift = 0.5 * color_jitter * (2 * torch.rand(b, 3, 1, 1, generator=generator) - 1)  # (B, 3, 1, 1)
+    x01 = (x01 * scale.to(x01.device) + shift.to(x01.device)).clamp_(0, 1)
+    return normalise_unit_images(x01)

@@ -38,7 +38,7 @@ from cmrcnet.models.config import ModelConfig
 from cmrcnet.models.encoders import load_encoder_weights
 from cmrcnet.models.handcrafted import patch_features
 from cmrcnet.plotting.curves import plot_loss_curve
-from cmrcnet.runtime import autocast_context
+from cmrcnet.runtime import PrecisionChoice, autocast_context, resolve_precision
 from cmrcnet.training.checkpoint import load_checkpoint, save_checkpoint
 from cmrcnet.training.config import RunConfig, load_run_config
 from cmrcnet.training.distributed import (
@@ -126,7 +126,9 @@ class Trainer:
         device: torch.device,
         dist_info: DistInfo,
         progress: bool,
+        precision: str | None = None,
     ) -> None:
+        """`precision`: the resolved precision to compute in (default: `config.train.precision` resolved here)."""
         self.run_dir = run_dir
         self.cfg = config
         self.tcfg = config.train
@@ -135,6 +137,9 @@ class Trainer:
         self.val_set = val
         self.device = device
         self.dist = dist_info
+        self.precision = (
+            precision or resolve_precision(config.train.precision, device, training=True).precision
+        )
         self.progress = progress and dist_info.is_main
         torch.manual_seed(self.tcfg.seed)  # identical initial weights on every process
         self.model = build_model(model_config)
@@ -151,7 +156,7 @@ class Trainer:
             lr=self.tcfg.lr,
             weight_decay=self.tcfg.weight_decay,
         )
-        self.scaler = torch.amp.GradScaler(device.type) if self.tcfg.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
         per_step = self.tcfg.batch_size
         if dist_info.enabled and per_step % (dist_info.world_size * self.tcfg.grad_accum):
             raise ConfigError(
@@ -190,7 +195,7 @@ class Trainer:
                 cache_dir=t.feature_cache or None,
                 batch_size=t.batch_size,
                 device=self.device,
-                precision=t.precision,
+                precision=self.precision,
                 progress=self.progress,
             )
             n = len(self.train_set)
@@ -339,7 +344,7 @@ class Trainer:
         if self.frozen_train is not None:
             variant = torch.randint(0, len(self.frozen_train.variants), (len(idx),), generator=gen)
             tokens, features = self._frozen_inputs(self.model, self.frozen_train, idx, variant)
-            with autocast_context(self.device, t.precision):
+            with autocast_context(self.device, self.precision):
                 return self.ddp(None, expr, gather=gather, tokens=tokens, features=features)
         images = (
             augment(
@@ -352,7 +357,7 @@ class Trainer:
             .to(self.device, non_blocking=True)
             .contiguous(memory_format=torch.channels_last)
         )
-        with autocast_context(self.device, t.precision):
+        with autocast_context(self.device, self.precision):
             return self.ddp(images, expr, gather=gather)
 
     def _frozen_inputs(
@@ -370,11 +375,11 @@ class Trainer:
         if self.frozen_val is not None:
             identity = torch.zeros(len(idx), dtype=torch.long)
             tokens, features = self._frozen_inputs(model, self.frozen_val, idx, identity)
-            with autocast_context(self.device, self.tcfg.precision):
+            with autocast_context(self.device, self.precision):
                 return float(model(None, expr, tokens=tokens, features=features)["loss"])
         images = augment(self.val_set.images[idx], torch.Generator(), flips=False, rot90=False)
         images = images.to(self.device).contiguous(memory_format=torch.channels_last)
-        with autocast_context(self.device, self.tcfg.precision):
+        with autocast_context(self.device, self.precision):
             return float(model(images, expr)["loss"])
 
     @torch.no_grad()
@@ -483,6 +488,9 @@ def train_run(
                 logger.warning("--resume: using the run's saved config.yaml, not the one given now")
             config = saved
     config.validate()
+    # rank 0 measures and decides, so every process computes in the same precision
+    choice = resolve_precision(config.train.precision, dev, training=True) if info.is_main else None
+    choice = broadcast_object(choice, info)
 
     common_fov(dataset, train_samples)  # checked on every process, so a mismatch stops them all
 
@@ -542,17 +550,14 @@ def train_run(
         device=dev,
         dist_info=info,
         progress=progress,
+        precision=choice.precision,
     )
     trainer.prepare_features(fit_handcrafted=ckpt is None)
     if ckpt is not None:
         trainer.load_state(ckpt)
         logger.info("resuming %s after epoch %d", run_dir, trainer.start_epoch)
-    elif info.is_main and (trainer.encoder_init or trainer.feature_cache_summary):
-        meta = json.loads((run_dir / RUN_FILE).read_text())
-        meta["encoder_init"] = trainer.encoder_init
-        meta["transductive"] = bool((trainer.encoder_init or {}).get("transductive", False))
-        meta["feature_cache"] = trainer.feature_cache_summary
-        write_json(run_dir / RUN_FILE, meta)
+    if info.is_main:
+        _record_session(run_dir, trainer, choice, resumed=ckpt is not None)
     logger.info(
         "training %s on %d spots (%d validation) from %s, %d genes, %d process(es), device %s",
         mcfg.method,
@@ -578,6 +583,24 @@ def train_run(
         write_json(run_dir / RUN_FILE, meta)
     barrier()
     return result
+
+
+def _record_session(run_dir: Path, trainer: Trainer, choice: PrecisionChoice, *, resumed: bool) -> None:
+    """run.json: the precision this session computes in (and, for a fresh run, the encoder's origin and the
+    feature cache). A resumed run whose precision changed keeps the earlier choices in `precision_history`."""
+    meta = json.loads((run_dir / RUN_FILE).read_text())
+    before = meta.get("precision")
+    if resumed and before and before.get("precision") != choice.precision:
+        logger.warning(
+            "resuming in %s; the run's earlier epochs ran in %s", choice.precision, before.get("precision")
+        )
+        meta.setdefault("precision_history", []).append(before)
+    meta["precision"] = choice.to_dict()
+    if not resumed:
+        meta["encoder_init"] = trainer.encoder_init
+        meta["transductive"] = bool((trainer.encoder_init or {}).get("transductive", False))
+        meta["feature_cache"] = trainer.feature_cache_summary
+    write_json(run_dir / RUN_FILE, meta)
 
 
 def load_initial_encoder(model: nn.Module, source: str | Path) -> dict:
