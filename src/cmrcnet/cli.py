@@ -7,6 +7,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -114,8 +115,7 @@ def _add_prepare(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from cmrcnet.data.prepare import prepare_sample
-    from cmrcnet.data.readers import read_sample
+    from cmrcnet import api
 
     if args.format == "st" and args.input is None and (args.counts is None or args.spots is None):
         raise ConfigError("--format st needs --input DIR --sample-id ID, or --counts FILE --spots FILE")
@@ -133,8 +133,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
         kwargs.update(counts=args.counts, spots=args.spots)
     else:
         kwargs["input"] = args.input
-    sample = read_sample(args.format, **kwargs)
-    summary = prepare_sample(
+    sample = api.read(args.format, **kwargs)
+    summary = api.prepare(
         sample, args.out, fov_um=args.fov_um, patch_px=args.patch_px, progress=not args.quiet
     )
     print("\n".join(summary.lines()))
@@ -225,49 +225,38 @@ def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from cmrcnet.training.config import load_run_config
-    from cmrcnet.training.trainer import train_run
+    from cmrcnet import api
 
-    cfg = load_run_config(args.config)
-    overrides = {
-        ("train", "epochs"): args.epochs,
-        ("train", "batch_size"): args.batch_size,
-        ("train", "lr"): args.lr,
-        ("train", "seed"): args.seed,
-        ("train", "precision"): args.precision,
-        ("genes", "mode"): args.genes,
-        ("genes", "n_top"): args.n_genes,
-    }
-    for (section, key), value in overrides.items():
-        if value is not None:
-            setattr(getattr(cfg, section), key, value)
-    if args.method:
-        cfg.method = args.method
-    if args.encoder or args.encoder_weights:
-        from cmrcnet.training.pretrain import configure_encoder
-
-        configure_encoder(cfg, args.encoder, args.encoder_weights)
-    if args.freeze_encoder:
-        cfg.model["freeze_encoder"] = True
-    if args.handcrafted:
-        cfg.model["handcrafted_features"] = True
-    if args.feature_cache:
-        cfg.train.feature_cache = str(args.feature_cache)
+    include = None
     if args.include_genes:
         from cmrcnet.evaluation.markers import parse_markers
 
-        cfg.genes.include = parse_markers(args.include_genes) or []
-    cfg.validate()
-    result = train_run(
-        data_dir=args.data,
-        train_samples=args.train_samples,
-        out_dir=args.out,
-        config=cfg,
+        include = parse_markers(args.include_genes) or []
+    model = api.train(
+        args.data,
+        args.train_samples,
+        args.out,
+        config=args.config,
         device=args.device,
         resume=args.resume,
         progress=not args.quiet,
         command=" ".join(["cmrcnet", *sys.argv[1:]]),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        precision=args.precision,
+        method=args.method,
+        gene_mode=args.genes,
+        n_genes=args.n_genes,
+        include_genes=include,
+        encoder=args.encoder,
+        encoder_weights=args.encoder_weights,
+        freeze_encoder=args.freeze_encoder,
+        handcrafted=args.handcrafted,
+        feature_cache=args.feature_cache,
     )
+    result = model.training
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only the first process reports
         print(f"run folder: {result.run_dir}")
         print(f"best validation loss {result.best_val_loss:.4f} at epoch {result.best_epoch + 1}")
@@ -419,15 +408,15 @@ def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from cmrcnet.inference.predict import predict_samples
+    from cmrcnet import api
 
     if args.out.suffix != ".h5ad":
         raise ConfigError(f"--out must end in .h5ad, got {args.out}")
-    adata = predict_samples(
+    adata = api.predict(
         args.model,
         args.data,
         args.samples,
-        args.out,
+        out=args.out,
         checkpoint=args.checkpoint,
         use_ema=args.ema,
         k=args.k,
@@ -463,10 +452,10 @@ def _add_evaluate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from cmrcnet.evaluation.evaluate import evaluate_predictions
+    from cmrcnet import api
     from cmrcnet.evaluation.markers import parse_markers
 
-    metrics = evaluate_predictions(
+    metrics = api.evaluate(
         args.pred,
         args.data,
         args.out,
@@ -521,10 +510,11 @@ def _add_cv(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) ->
 
 
 def _run_cv(args: argparse.Namespace) -> int:
-    from cmrcnet.evaluation.cv import SUMMARY_MD, run_cv
+    from cmrcnet import api
+    from cmrcnet.evaluation.cv import SUMMARY_MD
     from cmrcnet.evaluation.markers import parse_markers
 
-    result = run_cv(
+    result = api.cv(
         args.data,
         args.out,
         split=args.split,
@@ -547,26 +537,18 @@ def _run_cv(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- predict-slide ----------------------------------------------------------------------------------------
-def _add_predict_slide(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "predict-slide",
-        parents=[common],
-        help="predict expression over a whole slide (tiles x genes, heatmaps, tumour score)",
-        description="Detect tissue on a thumbnail, lay a regular grid of tiles of the model's field of view over "
-        "the slide and predict every tissue tile, streaming tiles from the pyramid level nearest the resolution "
-        "the model needs (memory does not grow with the slide). Writes OUT_DIR/prediction.h5ad, tissue_mask.png, "
-        "thumbnail.png, heatmap_<gene>.png, tumour_score.png (tumour_mask.png with --threshold) and summary.json. "
-        'Vendor WSI formats (svs, ndpi, mrxs, ...) need OpenSlide: pip install "cmrcnet[slide]".',
-    )
+# --- predict-slide and predict-slides ----------------------------------------------------------------------
+SLIDE_OUTPUTS = (
+    "prediction.h5ad, tissue_mask.png, thumbnail.png, heatmap_<gene>.png, tumour_score.png (tumour_mask.png with "
+    "--threshold), tiles.geojson (QuPath: File > Import objects) and summary.json"
+)
+
+
+def _add_slide_options(p: argparse.ArgumentParser, *, pixel_size_help: str) -> None:
+    """The prediction options shared by predict-slide and predict-slides."""
     p.add_argument("--model", type=Path, required=True, help="run folder of a trained model")
-    p.add_argument("--slide", type=Path, required=True, help="WSI, OME/plain TIFF, JPEG or PNG")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument(
-        "--pixel-size",
-        type=_positive_float,
-        help="micrometres per full-resolution pixel (default: the slide's metadata; required without)",
-    )
+    p.add_argument("--pixel-size", type=_positive_float, help=pixel_size_help)
     p.add_argument(
         "--step-um",
         type=_positive_float,
@@ -581,30 +563,21 @@ def _add_predict_slide(sub: argparse._SubParsersAction, common: argparse.Argumen
     )
     p.add_argument("--threshold", type=float, help="tumour score at or above which a tile is called tumour")
     p.add_argument(
-        "--sample-id", help="slide id (default: the file name); bank spots of this id are excluded"
-    )
-    p.add_argument(
         "--min-tissue", type=float, default=0.5, help="fraction of a tile that must be tissue (default 0.5)"
     )
     p.add_argument("--k", type=_positive_int, help="neighbours to average (default from the run)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="tiles per forward pass (default 64)")
     _add_precision(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument(
-        "--reader", choices=["auto", "openslide", "tifffile", "pillow"], default="auto", help="slide back end"
-    )
-    p.set_defaults(handler=_run_predict_slide)
+    from cmrcnet.inference.slide_reader import READERS
+
+    p.add_argument("--reader", choices=READERS, default="auto", help="slide back end")
 
 
-def _run_predict_slide(args: argparse.Namespace) -> int:
+def _slide_options(args: argparse.Namespace) -> dict:
     from cmrcnet.evaluation.markers import parse_markers
-    from cmrcnet.inference.slide import predict_slide
 
-    result = predict_slide(
-        args.model,
-        args.slide,
-        args.out,
-        pixel_size_um=args.pixel_size,
+    return dict(
         step_um=args.step_um,
         genes=args.genes,
         markers=parse_markers(args.markers),
@@ -613,18 +586,99 @@ def _run_predict_slide(args: argparse.Namespace) -> int:
         precision=args.precision,
         device=args.device,
         k=args.k,
-        sample_id=args.sample_id,
         min_tissue=args.min_tissue,
         reader=args.reader,
-        progress=not args.quiet,
     )
-    s = result.stats
+
+
+def _add_predict_slide(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "predict-slide",
+        parents=[common],
+        help="predict expression over a whole slide (tiles x genes, heatmaps, tumour score)",
+        description="Detect tissue on a thumbnail, lay a regular grid of tiles of the model's field of view over "
+        "the slide and predict every tissue tile, streaming tiles from the pyramid level nearest the resolution "
+        f"the model needs (memory does not grow with the slide). Writes OUT_DIR/{SLIDE_OUTPUTS}. "
+        'Vendor WSI formats (svs, ndpi, mrxs, ...) need OpenSlide: pip install "cmrcnet[slide]".',
+    )
+    p.add_argument("--slide", type=Path, required=True, help="WSI, OME/plain TIFF, JPEG or PNG")
+    _add_slide_options(
+        p,
+        pixel_size_help="micrometres per full-resolution pixel (default: the slide's metadata; required without)",
+    )
+    p.add_argument(
+        "--sample-id", help="slide id (default: the file name); bank spots of this id are excluded"
+    )
+    p.set_defaults(handler=_run_predict_slide)
+
+
+def _run_predict_slide(args: argparse.Namespace) -> int:
+    from cmrcnet import api
+    from cmrcnet.inference.slide import SUMMARY_FILE
+
+    adata = api.predict_slide(
+        args.model,
+        args.slide,
+        args.out,
+        pixel_size_um=args.pixel_size,
+        sample_id=args.sample_id,
+        progress=not args.quiet,
+        **_slide_options(args),
+    )
+    s = json.loads((args.out / SUMMARY_FILE).read_text(encoding="utf-8"))
     print(
-        f"predicted {s['n_tissue_tiles']} tissue tiles (of {s['n_grid_tiles']}) x {result.adata.n_vars} genes "
+        f"predicted {s['n_tissue_tiles']} tissue tiles (of {s['n_grid_tiles']}) x {adata.n_vars} genes "
         f"at level {s['level']} (downsample {s['level_downsample']:.2f}), {s['tiles_per_second']} tiles/s "
-        f"-> {result.out_dir}"
+        f"-> {args.out}"
     )
     return 0
+
+
+def _add_predict_slides(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "predict-slides",
+        parents=[common],
+        help="predict many slides from a manifest (resumable; --shard K/N and torchrun split it)",
+        description="Predict every slide listed in a manifest CSV (header; columns slide, optional pixel_size "
+        f"and sample_id) into OUT/<sample_id>/ ({SLIDE_OUTPUTS}), each folder written whole or not at all. A "
+        "rerun skips slides whose slide content, model and options are unchanged. A broken slide is recorded "
+        "and skipped; the exit code is 0, or 100 + the number of failed slides. OUT/summary.csv and "
+        "summary.json list every slide. Row i belongs to shard i mod N: --shard K/N for job arrays, and under "
+        "torchrun each process takes its RANK's share.",
+    )
+    p.add_argument(
+        "--manifest", type=Path, required=True, help="CSV with columns slide[,pixel_size][,sample_id]"
+    )
+    _add_slide_options(
+        p, pixel_size_help="micrometres per pixel for rows without pixel_size (default: the slide's metadata)"
+    )
+    p.add_argument("--shard", help="K/N: predict only rows i with i mod N == K (0 <= K < N)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG maps (predictions and GeoJSON only)")
+    p.set_defaults(handler=_run_predict_slides)
+
+
+def _run_predict_slides(args: argparse.Namespace) -> int:
+    from cmrcnet.inference.batch import predict_slides
+
+    result = predict_slides(
+        args.manifest,
+        args.model,
+        args.out,
+        shard=args.shard,
+        progress=not args.quiet,
+        pixel_size_um=args.pixel_size,
+        plots=not args.no_plots,
+        **_slide_options(args),
+    )
+    counts = {s: sum(r["status"] == s for r in result.rows) for s in ("done", "skipped", "failed")}
+    print(
+        f"{len(result.rows)} slides: {counts['done']} predicted, {counts['skipped']} already done, "
+        f"{counts['failed']} failed -> {result.out_dir} (summary.csv)"
+    )
+    for r in result.rows:
+        if r["status"] == "failed":
+            print(f"failed: {r['sample_id']}: {r['error']}", file=sys.stderr)
+    return result.exit_code
 
 
 # --- localise-eval ----------------------------------------------------------------------------------------
@@ -683,6 +737,7 @@ SUBCOMMANDS = (
     _add_demo,
     _add_cv,
     _add_predict_slide,
+    _add_predict_slides,
     _add_localise_eval,
 )
 

@@ -271,7 +271,7 @@ def test_faiss_missing_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.extra
 def test_faiss_flat_equals_exact(data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-    pytest.importorskip("faiss", reason="optional extra not installed: pip install -e \".[faiss]\"")
+    pytest.importorskip("faiss", reason='optional extra not installed: pip install -e ".[faiss]"')
     queries, bank, expr = data
     index = FaissIndex(kind="flat")
     index.add(bank)
@@ -292,7 +292,7 @@ def test_faiss_flat_equals_exact(data: tuple[np.ndarray, np.ndarray, np.ndarray]
 def test_faiss_approximate_kinds(
     data: tuple[np.ndarray, np.ndarray, np.ndarray], caplog: pytest.LogCaptureFixture
 ) -> None:
-    pytest.importorskip("faiss", reason="optional extra not installed: pip install -e \".[faiss]\"")
+    pytest.importorskip("faiss", reason='optional extra not installed: pip install -e ".[faiss]"')
     queries, bank, _ = data
     _, ref_idx = topk_cosine(queries, bank, 5)
     # IVF visiting every list is exhaustive, hence exact; nlist is clamped to the 101 training vectors

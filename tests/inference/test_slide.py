@@ -14,14 +14,10 @@ from PIL import Image
 
 from cmrcnet.cli import main
 from cmrcnet.data.image import SlideImage
-from cmrcnet.data.prepare import prepare_sample
-from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples
 from cmrcnet.errors import ConfigError
 from cmrcnet.inference.slide import TileGrid, read_tile
 from cmrcnet.inference.slide_reader import PillowReader, TiffReader, open_slide, read_thumbnail
 from cmrcnet.inference.tissue import detect_tissue, otsu_threshold
-from cmrcnet.training.config import load_run_config
-from cmrcnet.training.trainer import train_run
 
 UM_PER_PX = 2.0  # the synthetic slides' pixel size: the tiny run's 112 um field of view is 56 px
 FOV_PX = 112.0 / UM_PER_PX
@@ -58,21 +54,6 @@ def write_pyramid(
         tw.write(img, subifds=levels - 1, **res, **opts)
         for i in range(1, levels):
             tw.write(img[:: 2**i, :: 2**i], subfiletype=1, **opts)
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny trained run (tiny ViT, 1 epoch) on two synthetic slides with a reference bank."""
-    root = tmp_path_factory.mktemp("slide_run")
-    ds = root / "ds"
-    for s in make_synthetic_samples(
-        SyntheticConfig(n_slides=2, n_patients=1, n_rows=6, n_cols=6, n_genes=30)
-    ):
-        prepare_sample(s, ds, patch_px=32, progress=False)
-    cfg = load_run_config("tiny")
-    cfg.train.epochs = 1
-    train_run(data_dir=ds, train_samples=["synS1", "synS2"], out_dir=root / "run", config=cfg, progress=False)
-    return root / "run"
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +144,7 @@ def test_ome_tiff_and_plain_tiff(tmp_path: Path) -> None:
 
 @pytest.mark.extra
 def test_openslide_reader_matches_tifffile(tmp_path: Path) -> None:
-    pytest.importorskip("openslide", reason="optional extra not installed: pip install -e \".[slide]\"")
+    pytest.importorskip("openslide", reason='optional extra not installed: pip install -e ".[slide]"')
     img = draw_slide(300, 260)
     path = tmp_path / "chain.tif"  # levels in the main IFD chain: OpenSlide's generic-tiff layout
     with tifffile.TiffWriter(path) as tw:

@@ -90,14 +90,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def read_prediction(pred_path: str | Path) -> tuple[ad.AnnData, dict[str, Any]]:
-    """Read and check a PRED.h5ad; return it and its provenance (uns["cmrcnet"]) as plain Python."""
-    path = require_file(pred_path, "prediction file")
-    probe_hdf5(path, "prediction file")
-    try:
-        pred = ad.read_h5ad(path)
-    except Exception as exc:  # h5py/anndata raise OSError, KeyError, ValueError on corrupt files
-        raise InputFileError(f"cannot read prediction h5ad ({type(exc).__name__}: {exc})", path=path) from exc
+def read_prediction(pred_path: str | Path | ad.AnnData) -> tuple[ad.AnnData, dict[str, Any]]:
+    """Read and check a PRED.h5ad (or check a prediction AnnData in memory); return it and its provenance
+    (uns["cmrcnet"]) as plain Python."""
+    if isinstance(pred_path, ad.AnnData):
+        pred, path = pred_path, Path("<prediction in memory>")
+    else:
+        path = require_file(pred_path, "prediction file")
+        probe_hdf5(path, "prediction file")
+        try:
+            pred = ad.read_h5ad(path)
+        except Exception as exc:  # h5py/anndata raise OSError, KeyError, ValueError on corrupt files
+            raise InputFileError(
+                f"cannot read prediction h5ad ({type(exc).__name__}: {exc})", path=path
+            ) from exc
     info = pred.uns.get(CMRCNET_UNS)
     if not isinstance(info, dict):
         raise InputFileError(
@@ -253,9 +259,9 @@ def _mean_std(values: list[float]) -> dict[str, Any]:
 
 # --- the whole evaluation -----------------------------------------------------------------------------------
 def evaluate_predictions(
-    pred_path: str | Path,
+    pred_path: str | Path | ad.AnnData,
     data_dir: str | Path,
-    out_dir: str | Path,
+    out_dir: str | Path | None,
     *,
     markers: list[str] | None = None,
     protocol: Protocol = "strict",
@@ -265,10 +271,11 @@ def evaluate_predictions(
     """Evaluate PRED.h5ad against the measured counts in the prepared dataset `data_dir`; write reports.
 
     Args:
-        pred_path: the prediction file written by `cmrcnet predict`.
+        pred_path: the prediction file written by `cmrcnet predict`, or the AnnData `cmrcnet.predict` returns.
         data_dir: the prepared dataset holding the measured counts of the predicted samples (and, in strict
             mode, of the model's training samples).
         out_dir: created if needed; receives metrics.json, genes.csv, summary.md and (with `plots`) PNGs.
+            None: nothing is written (the metrics are returned).
         markers: marker genes; None picks `default_markers` for the predicted panel.
         protocol: "strict" (HEG/HVG from training samples) or "paper" (from each test sample, labelled).
         n_top: size of the HEG and HVG sets (set names `heg<n_top>`, `hvg<n_top>`).
@@ -281,9 +288,9 @@ def evaluate_predictions(
         raise ConfigError(f"protocol must be 'strict' or 'paper', got {protocol!r}")
     if isinstance(n_top, bool) or not isinstance(n_top, int) or n_top < 1:
         raise ConfigError(f"n_top must be a positive integer, got {n_top!r}")
-    pred_path = Path(pred_path)
-    out_dir = Path(out_dir)
     pred, info = read_prediction(pred_path)
+    in_memory = isinstance(pred_path, ad.AnnData)
+    pred_path = Path("<prediction in memory>") if in_memory else Path(pred_path)
     dataset = PreparedDataset(data_dir)
     label = PROTOCOL_LABEL[protocol]
     synthetic = bool(info.get("synthetic", False))
@@ -449,7 +456,7 @@ def evaluate_predictions(
         "synthetic": synthetic,
         "synthetic_note": SYNTHETIC_NOTE if synthetic else None,
         "prediction": {
-            "path": str(pred_path.resolve()),
+            "path": None if in_memory else str(pred_path.resolve()),
             **{
                 k: info.get(k)
                 for k in (
@@ -481,7 +488,10 @@ def evaluate_predictions(
         "cmrcnet_version": __version__,
     }
     metrics = _clean(metrics)
+    if out_dir is None:
+        return metrics
 
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = ["metrics.json", "genes.csv", "summary.md"]
     genes_df = pd.concat(per_gene_frames, ignore_index=True)

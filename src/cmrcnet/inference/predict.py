@@ -18,6 +18,7 @@ from cmrcnet.constants import CMRCNET_UNS, SAMPLE_KEY, SPATIAL_KEY
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.errors import ConfigError
 from cmrcnet.inference.bank import Bank, load_bank
+from cmrcnet.inference.export import SPATIAL_UNS, SPOT_DIAMETER_UM, spatial_library
 from cmrcnet.inference.model_io import TrainedModel, load_trained_model
 from cmrcnet.inference.retrieval import WEIGHTINGS, aggregate, make_index
 from cmrcnet.runtime import PrecisionChoice, autocast_context, resolve_precision
@@ -149,7 +150,7 @@ def predict_samples(
     run_dir: str | Path,
     data_dir: str | Path,
     samples: Sequence[str],
-    out_path: str | Path,
+    out_path: str | Path | None,
     *,
     checkpoint: str | None = None,
     use_ema: bool | None = None,
@@ -161,12 +162,44 @@ def predict_samples(
     device: str = "cpu",
     progress: bool = True,
 ) -> ad.AnnData:
-    """Predict log1p expression for every spot of `samples` and write PRED.h5ad atomically.
+    """Predict log1p expression for every spot of `samples`; write PRED.h5ad atomically when `out_path` is given.
 
     `precision`: "auto" (default; measured, see `cmrcnet.runtime.resolve_precision`), "fp32", "bf16" or "fp16".
     """
-    choice = resolve_precision(precision, device)
     trained = load_trained_model(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device)
+    bank = None if trained.model_config.method == "regression" else load_bank(run_dir, trained)
+    return predict_spots(
+        trained,
+        bank,
+        data_dir,
+        samples,
+        out_path,
+        k=k,
+        weighting=weighting,
+        backend=backend,
+        batch_size=batch_size,
+        precision=precision,
+        progress=progress,
+    )
+
+
+def predict_spots(
+    trained: TrainedModel,
+    bank: Bank | None,
+    data_dir: str | Path,
+    samples: Sequence[str],
+    out_path: str | Path | None = None,
+    *,
+    k: int | None = None,
+    weighting: str | None = None,
+    backend: str = "exact",
+    batch_size: int = 128,
+    precision: str = "auto",
+    progress: bool = True,
+) -> ad.AnnData:
+    """`predict_samples` for a model already loaded (and its bank; None for the regression method)."""
+    device = next(trained.model.parameters()).device
+    choice = resolve_precision(precision, device)
     dataset = PreparedDataset(data_dir)
     samples = list(dict.fromkeys(samples))
     dataset.require(samples)
@@ -196,11 +229,12 @@ def predict_samples(
         progress=progress,
         regression=regression,
     )
-    bank = None
     if regression:
+        bank = None
         pred = emb.numpy().astype(np.float32)
     else:
-        bank = load_bank(run_dir, trained)
+        if bank is None:
+            raise ConfigError(f"the {trained.model_config.method} method needs its reference bank")
         pred = predict_from_embeddings(emb, table.sample_ids, bank, k=k, weighting=weighting, backend=backend)
     adata = ad.AnnData(pred)
     adata.var_names = list(trained.genes)
@@ -216,11 +250,30 @@ def predict_samples(
             k=k,
             weighting=weighting,
             backend=backend,
-            run_dir=run_dir,
+            run_dir=trained.run_dir,
             precision=choice,
         ),
         "data_dir": str(dataset.root.resolve()),
     }
-    with atomic_path(out_path) as tmp:
-        adata.write_h5ad(tmp)
+    _add_tissue_images(adata, dataset, samples)
+    if out_path is not None:
+        with atomic_path(out_path) as tmp:
+            adata.write_h5ad(tmp)
     return adata
+
+
+def _add_tissue_images(adata: ad.AnnData, dataset: PreparedDataset, samples: Sequence[str]) -> None:
+    """scanpy's `uns["spatial"]` (one library per sample: its thumbnail and spot diameter) and
+    `obs["library_id"]`, so `sc.pl.spatial(pred, color=gene)` draws on the tissue with no extra arguments."""
+    libraries = {}
+    for sid in samples:
+        thumb = dataset.thumbnail(sid)
+        if thumb is None:
+            continue
+        meta = dataset.metadata(sid)
+        um = float(meta["pixel_size_um"])
+        diameter_um = SPOT_DIAMETER_UM.get(str(meta.get("technology", "")).lower(), float(meta["fov_um"]))
+        libraries[sid] = spatial_library(thumb[0], thumb[1], diameter_um / um)
+    if libraries:
+        adata.uns[SPATIAL_UNS] = libraries
+    adata.obs["library_id"] = pd.Categorical(adata.obs[SAMPLE_KEY].astype(str))

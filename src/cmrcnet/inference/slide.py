@@ -41,6 +41,7 @@ from cmrcnet.errors import ConfigError, InputFileError
 from cmrcnet.evaluation.localisation import SCORE_KEY, TUMOUR_KEY, tumour_score
 from cmrcnet.evaluation.markers import default_markers, default_tumour_markers
 from cmrcnet.inference.bank import Bank, load_bank
+from cmrcnet.inference.export import GEOJSON_FILE, SPATIAL_UNS, spatial_library, write_tiles_geojson
 from cmrcnet.inference.model_io import TrainedModel, load_trained_model
 from cmrcnet.inference.predict import BankRetriever, embed_patches, prediction_provenance
 from cmrcnet.inference.slide_reader import SlideReader, open_slide, read_thumbnail
@@ -340,6 +341,7 @@ def predict_slide(
         "level": int(level),
         "level_downsample": level_ds,
         "reader": reader_kind,
+        "precision": choice.precision,
     }
     adata.uns[CMRCNET_UNS] = {
         **prediction_provenance(
@@ -371,6 +373,8 @@ def predict_slide(
         "tumour_markers": used_markers,
         "tumour_threshold": float("nan") if threshold is None else float(threshold),
     }
+    adata.uns[SPATIAL_UNS] = {sample_id: spatial_library(thumb, 1.0 / thumb_ds, fov_px)}  # scanpy/squidpy
+    adata.obs["library_id"] = pd.Categorical([sample_id] * len(rows))
 
     files = _write_outputs(
         out_dir,
@@ -486,7 +490,7 @@ def _write_outputs(
     from cmrcnet.plotting.slide_maps import plot_tile_map, save_mask_png, save_rgb_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
+    files: list[Path] = [write_tiles_geojson(adata, out_dir / GEOJSON_FILE)]  # QuPath: File > Import objects
     save_rgb_png(thumb, out_dir / THUMBNAIL_FILE)
     files.append(out_dir / THUMBNAIL_FILE)
     save_mask_png(mask.mask, out_dir / TISSUE_MASK_FILE)

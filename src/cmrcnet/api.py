@@ -1,0 +1,419 @@
+"""The Python API: the pipeline's steps as functions on folders and AnnData, for notebooks and scripts.
+
+Everything here is re-exported from `cmrcnet` (``cmrcnet.train``, ``cmrcnet.Model``, ...), and the command line
+calls these same functions::
+
+    import cmrcnet
+
+    sample = cmrcnet.read("st", input="her2st", sample_id="C2", patient_id="C")   # cmrcnet.data.Sample
+    cmrcnet.prepare(sample, "datasets/her2st")                                   # adds it to a dataset folder
+    model = cmrcnet.train("datasets/her2st", ["C3", "C4", "C5", "C6"], "runs/c2")  # a Model with its bank
+    pred = model.predict("datasets/her2st", ["C2"])                              # AnnData, nothing written
+    metrics = cmrcnet.evaluate(pred, "datasets/her2st")                          # dict; out=DIR writes reports
+    tiles = model.predict_slide("C2.jpg", "c2_slide", pixel_size_um=0.69)        # AnnData of slide tiles
+
+AnnData conventions of predictions (spots or slide tiles x genes): ``X`` holds predicted log1p(library-size
+normalised) expression, ``obs["sample_id"]`` the sample, ``obs["barcode"]`` the spot (spot predictions),
+``obsm["spatial"]`` centres (x, y) in full-resolution pixels, and ``uns["cmrcnet"]`` the provenance (run, weights,
+bank samples, k, precision).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+    from cmrcnet.data.prepare import PrepareSummary
+    from cmrcnet.data.sample import Sample
+    from cmrcnet.evaluation.cv import CvResult
+    from cmrcnet.inference.bank import Bank
+    from cmrcnet.inference.model_io import TrainedModel
+    from cmrcnet.training.config import RunConfig
+    from cmrcnet.training.trainer import TrainResult
+
+__all__ = ["Model", "cv", "evaluate", "predict", "predict_slide", "prepare", "read", "train"]
+
+
+def read(fmt: str, **kwargs: Any) -> Sample:
+    """Read one spatial-transcriptomics sample.
+
+    Parameters
+    ----------
+    fmt
+        "st" (legacy ST / her2st), "visium" (Space Ranger output), "hest" (HEST-1k) or "anndata" (any AnnData
+        with ``obsm["spatial"]`` in full-resolution pixels).
+    **kwargs
+        ``input`` (the folder or .h5ad), ``sample_id``, ``patient_id``, ``pixel_size_um``, ``image`` and the
+        format's own options (see `cmrcnet.data.readers.read_sample`).
+
+    Returns
+    -------
+    Sample
+        Raw counts as AnnData (``sample.counts``: spots x genes, ``obsm["spatial"]``), the H&E image, the pixel
+        size and where it came from.
+    """
+    from cmrcnet.data.readers import read_sample
+
+    return read_sample(fmt, **kwargs)
+
+
+def prepare(
+    sample: Sample,
+    out: str | Path,
+    *,
+    fov_um: float | None = None,
+    patch_px: int | None = None,
+    progress: bool = True,
+) -> PrepareSummary:
+    """Cut fixed field-of-view patches around every spot and add the sample to a dataset folder.
+
+    Parameters
+    ----------
+    sample
+        What `read` returns.
+    out
+        The prepared dataset folder (HEST-compatible layout; created if needed). Preparing a sample again
+        replaces it atomically.
+    fov_um, patch_px
+        Physical side of a patch (default 112 um) and its side in pixels after resampling (default 224).
+
+    Returns
+    -------
+    PrepareSummary
+        Spots written, padded and dropped; ``summary.lines()`` describes it.
+    """
+    from cmrcnet.constants import DEFAULT_FOV_UM, DEFAULT_PATCH_PX
+    from cmrcnet.data.prepare import prepare_sample
+
+    return prepare_sample(
+        sample,
+        out,
+        fov_um=DEFAULT_FOV_UM if fov_um is None else fov_um,
+        patch_px=DEFAULT_PATCH_PX if patch_px is None else patch_px,
+        progress=progress,
+    )
+
+
+@dataclass
+class Model:
+    """A trained run loaded for prediction: the network, its genes and its reference bank.
+
+    Attributes
+    ----------
+    run_dir
+        The run folder it was loaded from.
+    trained
+        The network in eval mode with its configs (`cmrcnet.inference.model_io.TrainedModel`).
+    bank
+        The reference bank retrieval predicts from (None for the regression method).
+    """
+
+    run_dir: Path
+    trained: TrainedModel
+    bank: Bank | None
+    training: TrainResult | None = None  # set by `train`: best epoch, validation loss, per-epoch history
+
+    @classmethod
+    def load(
+        cls,
+        run_dir: str | Path,
+        *,
+        checkpoint: str | None = None,
+        use_ema: bool | None = None,
+        device: str = "cpu",
+    ) -> Model:
+        """Load a run folder written by `train` (``checkpoint``: "best.pt" or "last.pt", default the run's
+        ``select`` setting; ``use_ema``: the EMA weights)."""
+        from cmrcnet.inference.bank import load_bank
+        from cmrcnet.inference.model_io import load_trained_model
+
+        trained = load_trained_model(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device)
+        bank = None if trained.model_config.method == "regression" else load_bank(run_dir, trained)
+        return cls(Path(run_dir), trained, bank)
+
+    @property
+    def genes(self) -> list[str]:
+        """The genes the model predicts (columns of every prediction)."""
+        return list(self.trained.genes)
+
+    @property
+    def method(self) -> str:
+        """ "cmrcnet", "bleep" or "regression"."""
+        return self.trained.model_config.method
+
+    def predict(
+        self,
+        data: str | Path,
+        samples: Sequence[str],
+        *,
+        out: str | Path | None = None,
+        k: int | None = None,
+        weighting: str | None = None,
+        backend: str = "exact",
+        batch_size: int = 128,
+        precision: str = "auto",
+        progress: bool = True,
+    ) -> ad.AnnData:
+        """Predict every spot of prepared `samples` (a sample never retrieves its own bank spots).
+
+        Parameters
+        ----------
+        data
+            Prepared dataset folder holding the samples' patches.
+        samples
+            Sample ids.
+        out
+            Also write the prediction to this .h5ad (atomically); None keeps it in memory only.
+        k, weighting
+            Neighbours averaged and "mean" or "similarity" weighting (default: the run's, k = 50, mean).
+        backend
+            "exact" or "faiss" (``pip install "cmrcnet[faiss]"``).
+        precision
+            "auto" (measured per machine), "fp32", "bf16" or "fp16".
+
+        Returns
+        -------
+        AnnData
+            Spots x genes; writes ``X``, ``obs["sample_id"]``, ``obs["barcode"]``, ``obsm["spatial"]`` and
+            ``uns["cmrcnet"]`` (module docstring).
+        """
+        from cmrcnet.inference.predict import predict_spots
+
+        return predict_spots(
+            self.trained,
+            self.bank,
+            data,
+            samples,
+            out,
+            k=k,
+            weighting=weighting,
+            backend=backend,
+            batch_size=batch_size,
+            precision=precision,
+            progress=progress,
+        )
+
+    def predict_slide(self, slide: str | Path, out: str | Path, **options: Any) -> ad.AnnData:
+        """Predict every tissue tile of an H&E slide; see `predict_slide` (the module function) for `options`."""
+        return predict_slide(self.run_dir, slide, out, **options)
+
+
+def train(
+    data: str | Path,
+    train_samples: Sequence[str],
+    out: str | Path,
+    *,
+    config: str | Path | RunConfig = "cpu",
+    device: str = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+    **overrides: Any,
+) -> Model:
+    """Train a model on prepared samples, build its reference bank and return it ready to predict.
+
+    Parameters
+    ----------
+    data
+        Prepared dataset folder.
+    train_samples
+        Training sample ids (with images). Genes are chosen on them only; a seeded 20 % of their spots
+        validate.
+    out
+        The run folder: config.yaml, genes, checkpoints, metrics, run.json and bank.pt.
+    config
+        A preset ("cpu", "paper", "tiny"), a YAML file (a run's own config.yaml works) or a RunConfig.
+    resume
+        Continue the run in `out` from its last.pt.
+    **overrides
+        Single fields: ``epochs``, ``batch_size``, ``lr``, ``seed``, ``precision`` (training), ``method``,
+        ``gene_mode`` ("strict"/"paper"), ``n_genes``, ``include_genes`` (list), ``encoder``,
+        ``encoder_weights``, ``freeze_encoder``, ``handcrafted``, ``feature_cache``.
+
+    Returns
+    -------
+    Model
+        The trained run, loaded from `out` with its bank; ``model.training`` holds the best epoch, its
+        validation loss and the per-epoch history. Under torchrun, processes other than rank 0 get only
+        ``run_dir`` and ``training``.
+    """
+    import copy
+
+    from cmrcnet.training.config import RunConfig, load_run_config
+    from cmrcnet.training.distributed import dist_from_env
+    from cmrcnet.training.trainer import train_run
+
+    cfg = copy.deepcopy(config) if isinstance(config, RunConfig) else load_run_config(config)
+    apply_overrides(cfg, **overrides)
+    result = train_run(
+        data_dir=data,
+        train_samples=list(train_samples),
+        out_dir=out,
+        config=cfg,
+        device=device,
+        resume=resume,
+        progress=progress,
+        command=command,
+    )
+    if dist_from_env().rank != 0:  # under torchrun only the first process loads the result
+        return Model(Path(out), None, None, result)  # type: ignore[arg-type]
+    model = Model.load(out, device=device)
+    model.training = result
+    return model
+
+
+TRAIN_FIELDS = ("epochs", "batch_size", "lr", "seed", "precision")
+
+
+def apply_overrides(cfg: RunConfig, **overrides: Any) -> RunConfig:
+    """Set single fields of a RunConfig by name (None leaves a field as it is); see `train`."""
+    from cmrcnet.errors import ConfigError
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for name in TRAIN_FIELDS:
+        if name in given:
+            setattr(cfg.train, name, given.pop(name))
+    if "method" in given:
+        cfg.method = given.pop("method")
+    if "gene_mode" in given:
+        cfg.genes.mode = given.pop("gene_mode")
+    if "n_genes" in given:
+        cfg.genes.n_top = given.pop("n_genes")
+    if "include_genes" in given:
+        cfg.genes.include = list(given.pop("include_genes"))
+    encoder, weights = given.pop("encoder", None), given.pop("encoder_weights", None)
+    if encoder or weights:
+        from cmrcnet.training.pretrain import configure_encoder
+
+        configure_encoder(cfg, encoder, weights)
+    if given.pop("freeze_encoder", False):
+        cfg.model["freeze_encoder"] = True
+    if given.pop("handcrafted", False):
+        cfg.model["handcrafted_features"] = True
+    if "feature_cache" in given:
+        cfg.train.feature_cache = str(given.pop("feature_cache"))
+    if given:
+        raise ConfigError(f"unknown training option(s) {sorted(given)}")
+    cfg.validate()
+    return cfg
+
+
+def predict(
+    model: str | Path | Model,
+    data: str | Path,
+    samples: Sequence[str],
+    *,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    checkpoint: str | None = None,
+    use_ema: bool | None = None,
+    **options: Any,
+) -> ad.AnnData:
+    """Predict prepared samples with a run folder or a loaded `Model`; see `Model.predict` for `options`."""
+    if not isinstance(model, Model):
+        model = Model.load(model, checkpoint=checkpoint, use_ema=use_ema, device=device)
+    return model.predict(data, samples, out=out, **options)
+
+
+def predict_slide(
+    model: str | Path | Model, slide: str | Path, out: str | Path, **options: Any
+) -> ad.AnnData:
+    """Predict every tissue tile of an H&E slide (WSI, TIFF, JPEG, PNG) and write maps into `out`.
+
+    Parameters
+    ----------
+    model
+        A run folder or a `Model`.
+    slide
+        The slide file.
+    out
+        Output folder: prediction.h5ad, thumbnail, tissue mask, heatmaps, tumour score, summary.json.
+    **options
+        ``pixel_size_um`` (required without slide metadata), ``step_um``, ``genes``, ``markers``,
+        ``threshold``, ``batch_size``, ``precision``, ``device``, ``k``, ``weighting``, ``sample_id``,
+        ``min_tissue``, ``reader``, ``plots``, ``progress`` (`cmrcnet.inference.slide.predict_slide`).
+
+    Returns
+    -------
+    AnnData
+        Tiles x genes: ``X`` predicted log1p expression, ``obsm["spatial"]`` tile centres in full-resolution
+        pixels, ``obs["tissue_fraction"]``, ``obs["tumour_score"]`` when the markers are modelled, and
+        ``uns["cmrcnet"]`` (slide, pixel size, grid, precision).
+    """
+    from cmrcnet.inference.slide import predict_slide as _predict_slide
+
+    run_dir = model.run_dir if isinstance(model, Model) else model
+    return _predict_slide(run_dir, slide, out, **options).adata
+
+
+def evaluate(
+    pred: str | Path | ad.AnnData,
+    data: str | Path,
+    out: str | Path | None = None,
+    *,
+    markers: Sequence[str] | None = None,
+    protocol: str = "strict",
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Compare a prediction with the measured expression of its samples.
+
+    Parameters
+    ----------
+    pred
+        A prediction AnnData (`Model.predict`) or its .h5ad file; reads ``X``, ``obs["sample_id"]``,
+        ``obs["barcode"]``, ``obsm["spatial"]`` and ``uns["cmrcnet"]``.
+    data
+        The prepared dataset with the measured counts (and, for the strict protocol, the training samples).
+    out
+        Folder for metrics.json, genes.csv, summary.md and maps; None writes nothing.
+    markers
+        Marker genes (default: the breast panel present in the prediction).
+    protocol
+        "strict" (gene sets chosen on the training samples) or "paper" (on each test sample; labelled).
+
+    Returns
+    -------
+    dict
+        The metrics: ``overall`` and ``per_sample`` PCC over HEG-50, HVG-50, markers and all genes, MSE, MAE,
+        spot-wise PCC, gene-gene correlation preservation, excluded genes, leakage checks.
+    """
+    from cmrcnet.evaluation.evaluate import evaluate_predictions
+
+    return evaluate_predictions(
+        pred,
+        data,
+        out,
+        markers=None if markers is None else list(markers),
+        protocol=protocol,  # type: ignore[arg-type]
+        plots=plots and out is not None,
+    )
+
+
+def cv(data: str | Path, out: str | Path, *, split: str, **options: Any) -> CvResult:
+    """Cross-validation: for every method x seed x fold, train, predict the held-out samples and evaluate.
+
+    Parameters
+    ----------
+    data
+        Prepared dataset folder.
+    out
+        CV_DIR: folds.json, one folder per run, summary.json and summary.md. An interrupted run resumes.
+    split
+        "leave-one-sample-out", "leave-one-patient-out" or "kfold".
+    **options
+        ``methods``, ``config``, ``seeds``, ``samples``, ``k``, ``split_seed``, ``epochs``, ``precision``,
+        ``markers``, ``protocol``, ``device``, ``plots``, ``progress`` (`cmrcnet.evaluation.cv.run_cv`).
+
+    Returns
+    -------
+    CvResult
+        ``summary`` (the dict written to summary.json) and ``out_dir``.
+    """
+    from cmrcnet.evaluation.cv import run_cv
+
+    return run_cv(data, out, split=split, **options)
