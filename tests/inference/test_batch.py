@@ -14,12 +14,13 @@ import anndata as ad
 import numpy as np
 import pytest
 from PIL import Image
-from test_slide import UM_PER_PX, draw_slide, write_pyramid
 
 from cmrcnet.cli import main
 from cmrcnet.errors import InputFileError
 from cmrcnet.inference.batch import read_manifest
 from cmrcnet.inference.export import GEOJSON_FILE
+
+from test_slide import UM_PER_PX, draw_slide, write_pyramid
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -43,6 +43,7 @@ from cmrcnet.data.sample import check_sparse
 from cmrcnet.errors import ConfigError, InputFileError, require_file
 from cmrcnet.evaluation.markers import default_markers
 from cmrcnet.evaluation.metrics import DEFAULT_EPS, evaluate_arrays, top_expressed_genes
+from cmrcnet.reports import REPORT_FILE, evaluation_report
 
 logger = logging.getLogger(__name__)
 
@@ -501,6 +502,8 @@ def evaluate_predictions(
     with atomic_path(out_dir / "genes.csv") as tmp:
         genes_df.to_csv(tmp, index=False)
     write_text(out_dir / "summary.md", _summary_markdown(metrics, set_names))
+    metrics["files"] = [*files, REPORT_FILE]
+    evaluation_report(out_dir, metrics, set_names, files)
     write_json(out_dir / "metrics.json", metrics)
     logger.info("evaluation (%s) written to %s", label, out_dir)
     return metrics

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from cmrcnet import __version__
 from cmrcnet.atomic import atomic_dir, atomic_path, write_json
 from cmrcnet.errors import CmrcnetError, ConfigError, InputFileError, require_file
+from cmrcnet.reports import batch_index
 from cmrcnet.training.run_layout import BANK_FILE, BEST_CKPT, LAST_CKPT
 
 logger = logging.getLogger(__name__)
@@ -286,4 +287,5 @@ def write_summary(rows: Sequence[ManifestRow], out: Path) -> list[dict]:
         writer.writerows(table)
     counts = {s: sum(t["status"] == s for t in table) for s in ("done", "failed", "pending")}
     write_json(out / SUMMARY_JSON, {"n_slides": len(table), **counts, "slides": table})
+    batch_index(out, table, counts)  # index.html, linking every slide's report.html
     return table

@@ -419,7 +419,9 @@ class FaissIndex:
         quantiser = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantiser, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         if x.shape[0] > self.training_points:
-            pick = np.random.default_rng(0).choice(x.shape[0], size=max(self.training_points, nlist), replace=False)
+            pick = np.random.default_rng(0).choice(
+                x.shape[0], size=max(self.training_points, nlist), replace=False
+            )
             index.train(x[np.sort(pick)])
         else:
             index.train(x)

@@ -46,6 +46,7 @@ from cmrcnet.inference.model_io import TrainedModel, load_trained_model
 from cmrcnet.inference.predict import BankRetriever, embed_patches, prediction_provenance
 from cmrcnet.inference.slide_reader import SlideReader, open_slide, read_thumbnail
 from cmrcnet.inference.tissue import TissueConfig, TissueMask, detect_tissue
+from cmrcnet.reports import REPORT_FILE, slide_report
 from cmrcnet.runtime import resolve_precision
 from cmrcnet.training.spots import resize_uint8
 
@@ -397,10 +398,11 @@ def predict_slide(
         "step_um": step_um,
         "n_genes": len(model_genes),
         **stats,
-        "files": [p.name for p in files],
+        "files": [p.name for p in files] + [REPORT_FILE],
     }
     write_json(out_dir / SUMMARY_FILE, summary)
     files.append(out_dir / SUMMARY_FILE)
+    files.append(slide_report(out_dir, summary, adata.uns[CMRCNET_UNS], summary["files"]))
     return SlidePrediction(adata, out_dir, files, stats)
 
 
