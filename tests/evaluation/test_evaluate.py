@@ -214,6 +214,7 @@ def test_paper_protocol_is_labelled_everywhere(tmp_path: Path, data_dir: Path, m
     assert m["protocol"] == "paper protocol"
     assert "paper protocol" in m["protocol_note"]
     assert "paper protocol" in (out / "summary.md").read_text()
+    assert "paper protocol" in (out / "report.html").read_text()
     assert set(pd.read_csv(out / "genes.csv")["protocol"]) == {"paper protocol"}
     assert m["gene_sets"]["heg5"]["genes"] is None  # chosen per test sample
     assert m["gene_sets"]["markers"]["genes"] == ["G001", "G002"]

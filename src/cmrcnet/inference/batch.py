@@ -95,6 +95,8 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
             f"the manifest needs a header with a 'slide' column (optional: pixel_size, sample_id); got {header}",
             path=path,
         )
+    from cmrcnet.inference.slide import slide_id
+
     rows, seen = [], {}
     for i, rec in enumerate(records):
         rec = {(k or "").strip(): (v or "").strip() for k, v in rec.items()}
@@ -112,7 +114,7 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
                 raise InputFileError(
                     f"row {i + 2}: pixel_size must be a positive number, got {rec['pixel_size']!r}", path=path
                 )
-        sid = rec.get("sample_id") or _slide_id(slide)
+        sid = rec.get("sample_id") or slide_id(slide)
         if not re.fullmatch(r"[A-Za-z0-9._-]+", sid):
             raise InputFileError(
                 f"row {i + 2}: sample_id {sid!r} must use only letters, digits, '.', '_', '-'", path=path
@@ -126,14 +128,6 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     if not rows:
         raise InputFileError("the manifest lists no slides", path=path)
     return rows
-
-
-def _slide_id(path: Path) -> str:
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

@@ -258,7 +258,7 @@ def predict_slide(
 
     with open_slide(slide, reader=reader) as slide_reader:
         slide_path = slide_reader.path
-        sample_id = sample_id or _slide_id(slide_path)
+        sample_id = sample_id or slide_id(slide_path)
         bank = None if regression else load_bank(model, trained).without_sample(sample_id)
         um_per_px, px_source = resolve_slide_pixel_size(slide_reader, pixel_size_um)
         width, height = slide_reader.dimensions
@@ -406,7 +406,8 @@ def predict_slide(
     return SlidePrediction(adata, out_dir, files, stats)
 
 
-def _slide_id(path: Path) -> str:
+def slide_id(path: Path) -> str:
+    """A slide's default id: its file name without suffixes (.ome.tif/.ome.tiff count as one)."""
     name = path.name
     for suffix in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suffix):
