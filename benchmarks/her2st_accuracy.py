@@ -52,14 +52,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cmrcnet.atomic import write_json, write_text
 from cmrcnet.data.dataset import PreparedDataset
+from cmrcnet.data.spots import load_spot_table
 from cmrcnet.evaluation.evaluate import evaluate_predictions
-from cmrcnet.inference.model_io import load_trained_model
 from cmrcnet.inference.predict import predict_samples
 from cmrcnet.models.handcrafted import patch_features
+from cmrcnet.run.config import load_run_config
+from cmrcnet.run.load import load_trained_model
 from cmrcnet.runtime import autocast_context
-from cmrcnet.training.config import load_run_config
 from cmrcnet.training.pretrain import PretrainConfig, SlideSource, pretrain_encoder
-from cmrcnet.training.spots import augment, load_spot_table
+from cmrcnet.training.spots import augment
 from cmrcnet.training.trainer import train_run
 
 from _machine import git_commit, machine_info

@@ -40,7 +40,7 @@ from cmrcnet.evaluation.evaluate import evaluate_predictions
 from cmrcnet.inference.predict import predict_samples
 from cmrcnet.models.layers import CrossAttention
 from cmrcnet.models.vit import VisionTransformer
-from cmrcnet.training.config import load_run_config
+from cmrcnet.run.config import load_run_config
 from cmrcnet.training.trainer import train_run
 
 from _machine import git_commit, machine_info

@@ -57,10 +57,10 @@ print("RESULT " + json.dumps(info))
 
 CHILD_EMBED = """
 import json, sys, time, numpy as np, torch
-from cmrcnet.inference.model_io import load_trained_model
+from cmrcnet.run.load import load_trained_model
 from cmrcnet.inference.predict import embed_patches
-from cmrcnet.inference.slide import read_tile
-from cmrcnet.inference.slide_reader import open_slide
+from cmrcnet.data.slide_reader import read_tile
+from cmrcnet.data.slide_reader import open_slide
 run, slide, um, precision = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 tm = load_trained_model(run)
 fov = 112.0 / um

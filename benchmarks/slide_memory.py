@@ -105,7 +105,7 @@ def run_child(cmd: list[str]) -> tuple[int, float, float]:
 def train_tiny_run(root: Path) -> Path:
     from cmrcnet.data.prepare import prepare_sample
     from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples
-    from cmrcnet.training.config import load_run_config
+    from cmrcnet.run.config import load_run_config
     from cmrcnet.training.trainer import train_run
 
     ds = root / "ds"
@@ -138,7 +138,7 @@ def main() -> None:
         baseline_cmd = [
             python,
             "-c",
-            "import sys; from cmrcnet.inference import slide; from cmrcnet.inference.model_io import "
+            "import sys; from cmrcnet.inference import slide; from cmrcnet.run.load import "
             "load_trained_model; from cmrcnet.inference.bank import load_bank; "
             "t = load_trained_model(sys.argv[1]); load_bank(sys.argv[1], t)",
             str(run),

@@ -1200,7 +1200,7 @@ def train_preset_run(root: Path, preset: str, patch_px: int) -> tuple[Path, floa
     """A 1-epoch run of `preset` on a small synthetic dataset (weights barely trained: speed only)."""
     from cmrcnet.data.prepare import prepare_sample
     from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples
-    from cmrcnet.training.config import load_run_config
+    from cmrcnet.run.config import load_run_config
     from cmrcnet.training.trainer import train_run
 
     ds = root / f"ds_{patch_px}"
@@ -1257,7 +1257,7 @@ def sec_slide(p: dict, out: dict, workdir: Path | None) -> None:
             training[preset] = round(seconds, 1)
             rc, base_rss, base_s = run_child([
                 python, "-c",
-                "import sys; from cmrcnet.inference import slide; from cmrcnet.inference.model_io import "
+                "import sys; from cmrcnet.inference import slide; from cmrcnet.run.load import "
                 "load_trained_model; from cmrcnet.inference.bank import load_bank; "
                 "t = load_trained_model(sys.argv[1]); load_bank(sys.argv[1], t)",
                 str(run),

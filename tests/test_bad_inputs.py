@@ -26,8 +26,8 @@ from cmrcnet.data.prepare import prepare_sample
 from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples, write_synthetic_raw
 from cmrcnet.models import build_model
 from cmrcnet.models.config import ModelConfig
-from cmrcnet.training.checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from cmrcnet.training.config import load_run_config
+from cmrcnet.run.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from cmrcnet.run.config import load_run_config
 from cmrcnet.training.trainer import train_run
 
 from sample_factory import make_sample, write_visium_outs

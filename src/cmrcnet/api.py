@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from cmrcnet.data.sample import Sample
     from cmrcnet.evaluation.cv import CvResult
     from cmrcnet.inference.bank import Bank
-    from cmrcnet.inference.model_io import TrainedModel
-    from cmrcnet.training.config import RunConfig
+    from cmrcnet.run.config import RunConfig
+    from cmrcnet.run.load import TrainedModel
     from cmrcnet.training.trainer import TrainResult
 
 __all__ = ["Model", "cv", "evaluate", "predict", "predict_slide", "prepare", "read", "train"]
@@ -108,7 +108,7 @@ class Model:
     run_dir
         The run folder it was loaded from.
     trained
-        The network in eval mode with its configs (`cmrcnet.inference.model_io.TrainedModel`).
+        The network in eval mode with its configs (`cmrcnet.run.load.TrainedModel`).
     bank
         The reference bank retrieval predicts from (None for the regression method).
     """
@@ -130,7 +130,7 @@ class Model:
         """Load a run folder written by `train` (``checkpoint``: "best.pt" or "last.pt", default the run's
         ``select`` setting; ``use_ema``: the EMA weights)."""
         from cmrcnet.inference.bank import load_bank
-        from cmrcnet.inference.model_io import load_trained_model
+        from cmrcnet.run.load import load_trained_model
 
         trained = load_trained_model(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device)
         bank = None if trained.model_config.method == "regression" else load_bank(run_dir, trained)
@@ -244,7 +244,7 @@ def train(
     """
     import copy
 
-    from cmrcnet.training.config import RunConfig, load_run_config
+    from cmrcnet.run.config import RunConfig, load_run_config
     from cmrcnet.training.distributed import dist_from_env
     from cmrcnet.training.trainer import train_run
 

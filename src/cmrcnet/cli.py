@@ -366,7 +366,7 @@ def _add_bank(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
 def _run_bank(args: argparse.Namespace) -> int:
     from cmrcnet.data.dataset import PreparedDataset
     from cmrcnet.inference.bank import build_bank, load_bank, merge_banks, save_bank
-    from cmrcnet.inference.model_io import load_trained_model
+    from cmrcnet.run.load import load_trained_model
 
     trained = load_trained_model(args.model)
     new = build_bank(
@@ -569,7 +569,7 @@ def _add_slide_options(p: argparse.ArgumentParser, *, pixel_size_help: str) -> N
     p.add_argument("--batch-size", type=_positive_int, default=64, help="tiles per forward pass (default 64)")
     _add_precision(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    from cmrcnet.inference.slide_reader import READERS
+    from cmrcnet.data.slide_reader import READERS
 
     p.add_argument("--reader", choices=READERS, default="auto", help="slide back end")
 

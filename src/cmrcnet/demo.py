@@ -32,7 +32,7 @@ def run_demo(
     """Run the demo into `out`; return report lines for printing. `precision`: see `resolve_precision`."""
     from cmrcnet.evaluation.evaluate import evaluate_predictions
     from cmrcnet.inference.predict import predict_samples
-    from cmrcnet.training.config import load_run_config
+    from cmrcnet.run.config import load_run_config
     from cmrcnet.training.trainer import train_run
 
     out = Path(out)

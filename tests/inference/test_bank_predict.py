@@ -15,10 +15,10 @@ from cmrcnet.data.prepare import prepare_sample
 from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples
 from cmrcnet.errors import CheckpointError, ConfigError
 from cmrcnet.inference.bank import load_bank
-from cmrcnet.inference.model_io import load_trained_model
 from cmrcnet.inference.predict import predict_from_embeddings, predict_samples
 from cmrcnet.inference.retrieval import retrieve_expression
-from cmrcnet.training.config import load_run_config
+from cmrcnet.run.config import load_run_config
+from cmrcnet.run.load import load_trained_model
 from cmrcnet.training.trainer import train_run
 
 

@@ -14,10 +14,10 @@ from PIL import Image
 
 from cmrcnet.cli import main
 from cmrcnet.data.image import SlideImage
+from cmrcnet.data.slide_reader import PillowReader, TiffReader, open_slide, read_thumbnail, read_tile
+from cmrcnet.data.tissue import detect_tissue, otsu_threshold
 from cmrcnet.errors import ConfigError
-from cmrcnet.inference.slide import TileGrid, read_tile
-from cmrcnet.inference.slide_reader import PillowReader, TiffReader, open_slide, read_thumbnail
-from cmrcnet.inference.tissue import detect_tissue, otsu_threshold
+from cmrcnet.inference.slide import TileGrid
 
 UM_PER_PX = 2.0  # the synthetic slides' pixel size: the tiny run's 112 um field of view is 56 px
 FOV_PX = 112.0 / UM_PER_PX
@@ -102,7 +102,7 @@ def test_planar_tiff_without_zarr_reads_small_levels_whole(
         assert [r.access_method(lv) for lv in (0, 1)] == ["whole", "whole"]
         np.testing.assert_array_equal(r.read_region(0, 10, 20, 50, 40), img[20:60, 10:60])
     # a level too large to load whole is not used: the finest readable level is, with a clear error for the other
-    monkeypatch.setattr("cmrcnet.inference.slide_reader.MAX_WHOLE_LEVEL_BYTES", 100 * 80 * 3)
+    monkeypatch.setattr("cmrcnet.data.slide_reader.MAX_WHOLE_LEVEL_BYTES", 100 * 80 * 3)
     with TiffReader(path, use_zarr=False) as r:
         assert r.readable_levels() == [1] and r.best_level_for_downsample(1.0) == 1
         with pytest.raises(ConfigError, match="pip install zarr"):

@@ -15,7 +15,7 @@ import torch
 
 from cmrcnet.data.prepare import prepare_sample
 from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples
-from cmrcnet.training.config import RunConfig, load_run_config
+from cmrcnet.run.config import RunConfig, load_run_config
 from cmrcnet.training.trainer import TrainResult, train_run
 
 from training_utils import EXPRESSION_ONLY, TRAIN_SAMPLES

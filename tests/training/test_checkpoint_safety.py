@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cmrcnet.errors import CheckpointError, InputFileError
-from cmrcnet.training.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from cmrcnet.run.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 
 
 class _TouchOnUnpickle:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from cmrcnet.training.checkpoint import load_checkpoint
-from cmrcnet.training.run_layout import BANK_FILE, BEST_CKPT, LAST_CKPT, METRICS_FILE, RUN_FILE
+from cmrcnet.run.checkpoint import load_checkpoint
+from cmrcnet.run.layout import BANK_FILE, BEST_CKPT, LAST_CKPT, METRICS_FILE, RUN_FILE
 
 from training_utils import TRAIN_SAMPLES, cli_env
 

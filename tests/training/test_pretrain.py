@@ -11,12 +11,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cmrcnet.cli import main
+from cmrcnet.data.slide_reader import open_slide, read_tile
+from cmrcnet.data.spots import load_spot_table
 from cmrcnet.data.synthetic import SyntheticConfig, write_synthetic_raw
-from cmrcnet.inference.slide import read_tile
-from cmrcnet.inference.slide_reader import open_slide
 from cmrcnet.models import build_model
 from cmrcnet.models.config import ModelConfig
-from cmrcnet.training.checkpoint import load_checkpoint
+from cmrcnet.run.checkpoint import load_checkpoint
 from cmrcnet.training.feature_cache import dihedral_variants, frozen_features
 from cmrcnet.training.pretrain import (
     PretrainConfig,
@@ -25,7 +25,6 @@ from cmrcnet.training.pretrain import (
     pretrain_encoder,
     sample_tissue_tiles,
 )
-from cmrcnet.training.spots import load_spot_table
 
 from training_utils import TRAIN_SAMPLES
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from cmrcnet.errors import CheckpointError
+from cmrcnet.run.checkpoint import load_checkpoint
+from cmrcnet.run.layout import BEST_CKPT, LAST_CKPT, RUN_FILE
 from cmrcnet.training import trainer as trainer_module
-from cmrcnet.training.checkpoint import load_checkpoint
-from cmrcnet.training.run_layout import BEST_CKPT, LAST_CKPT, RUN_FILE
 from cmrcnet.training.trainer import Trainer, TrainResult, train_run
 
 from training_utils import (
@@ -45,7 +45,7 @@ COMPARED = (
 @pytest.fixture(scope="module")
 def uninterrupted(synthetic_ds: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainResult]:
     """The reference: EPOCHS epochs of the tiny preset, seed 0, in one go."""
-    from cmrcnet.training.config import load_run_config
+    from cmrcnet.run.config import load_run_config
 
     cfg = load_run_config("tiny")
     cfg.train.epochs = EPOCHS

@@ -9,7 +9,7 @@ import yaml
 
 from cmrcnet.errors import ConfigError, InputFileError
 from cmrcnet.models.config import ENCODER_PRESETS
-from cmrcnet.training.config import RUN_PRESETS, RunConfig, TrainConfig, load_run_config
+from cmrcnet.run.config import RUN_PRESETS, RunConfig, TrainConfig, load_run_config
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -13,9 +13,9 @@ from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.errors import ConfigError
 from cmrcnet.models import build_model
 from cmrcnet.models.config import ModelConfig
-from cmrcnet.training.checkpoint import FORMAT, load_checkpoint
-from cmrcnet.training.config import load_run_config
-from cmrcnet.training.run_layout import (
+from cmrcnet.run.checkpoint import FORMAT, load_checkpoint
+from cmrcnet.run.config import load_run_config
+from cmrcnet.run.layout import (
     BANK_FILE,
     BEST_CKPT,
     CONFIG_FILE,

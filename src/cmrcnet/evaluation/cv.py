@@ -45,9 +45,9 @@ from cmrcnet.evaluation.evaluate import (
 )
 from cmrcnet.inference.predict import predict_samples
 from cmrcnet.models.config import METHODS
-from cmrcnet.training.config import RunConfig, load_run_config
+from cmrcnet.run.config import RunConfig, load_run_config
+from cmrcnet.run.layout import BANK_FILE, CONFIG_FILE, LAST_CKPT, RUN_FILE
 from cmrcnet.training.distributed import dist_from_env
-from cmrcnet.training.run_layout import BANK_FILE, CONFIG_FILE, LAST_CKPT, RUN_FILE
 from cmrcnet.training.trainer import train_run
 
 logger = logging.getLogger(__name__)

@@ -16,11 +16,11 @@ import torch
 
 from cmrcnet import __version__
 from cmrcnet.data.dataset import PreparedDataset
+from cmrcnet.data.spots import load_spot_table
 from cmrcnet.errors import CheckpointError, ConfigError, InputFileError
-from cmrcnet.inference.model_io import TrainedModel
-from cmrcnet.training.checkpoint import load_checkpoint, save_checkpoint
-from cmrcnet.training.run_layout import BANK_FILE
-from cmrcnet.training.spots import load_spot_table
+from cmrcnet.run.checkpoint import load_checkpoint, save_checkpoint
+from cmrcnet.run.layout import BANK_FILE
+from cmrcnet.run.load import TrainedModel
 
 logger = logging.getLogger(__name__)
 

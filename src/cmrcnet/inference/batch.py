@@ -37,7 +37,7 @@ from cmrcnet import __version__
 from cmrcnet.atomic import atomic_dir, atomic_path, write_json
 from cmrcnet.errors import CmrcnetError, ConfigError, InputFileError, require_file
 from cmrcnet.reports import batch_index
-from cmrcnet.training.run_layout import BANK_FILE, BEST_CKPT, LAST_CKPT
+from cmrcnet.run.layout import BANK_FILE, BEST_CKPT, LAST_CKPT
 
 logger = logging.getLogger(__name__)
 

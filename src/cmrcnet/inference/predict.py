@@ -16,13 +16,14 @@ from cmrcnet import __version__
 from cmrcnet.atomic import atomic_path
 from cmrcnet.constants import CMRCNET_UNS, SAMPLE_KEY, SPATIAL_KEY
 from cmrcnet.data.dataset import PreparedDataset
+from cmrcnet.data.spots import load_spot_table
 from cmrcnet.errors import ConfigError
 from cmrcnet.inference.bank import Bank, load_bank
 from cmrcnet.inference.export import SPATIAL_UNS, SPOT_DIAMETER_UM, spatial_library
-from cmrcnet.inference.model_io import TrainedModel, load_trained_model
 from cmrcnet.inference.retrieval import WEIGHTINGS, aggregate, make_index
+from cmrcnet.models.preprocess import images_to_float
+from cmrcnet.run.load import TrainedModel, load_trained_model
 from cmrcnet.runtime import PrecisionChoice, autocast_context, resolve_precision
-from cmrcnet.training.spots import augment, load_spot_table
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +43,11 @@ def embed_patches(
     model = trained.model
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device).precision
-    plain = torch.Generator()
     out = []
     for i in tqdm(
         range(0, len(images), batch_size), desc="embedding", unit="batch", disable=not progress, leave=False
     ):
-        x = augment(images[i : i + batch_size], plain, flips=False, rot90=False)  # (b, 3, S, S) normalised
+        x = images_to_float(images[i : i + batch_size], layout="nhwc")  # (b, 3, S, S) normalised
         x = x.to(device).contiguous(memory_format=torch.channels_last)
         with autocast_context(device, precision):
             y = model.predict_expression(x) if regression else model.embed_images(x)

@@ -1,7 +1,7 @@
 """`cmrcnet predict-slide`: predict expression over a whole slide, tile by tile, with bounded memory.
 
 Pipeline:
-1. Open the slide (slide_reader.py) and take its pixel size from the metadata or the user.
+1. Open the slide (cmrcnet.data.slide_reader) and take its pixel size from the metadata or the user.
 2. Read a thumbnail (about 8 pixels per tile side, at most THUMB_MAX_SIDE) block by block and detect tissue on it
    (tissue.py).
 3. Lay a regular grid of square tiles over the slide: side = the model's field of view (run.json `fov_um`), step
@@ -32,23 +32,28 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm.auto import tqdm
 
 from cmrcnet.atomic import atomic_path, write_json
 from cmrcnet.constants import CMRCNET_UNS, SAMPLE_KEY, SPATIAL_KEY
+from cmrcnet.data.slide_reader import (
+    SlideReader,
+    open_slide,
+    read_thumbnail,
+    read_tile,
+    resolve_slide_pixel_size,
+)
+from cmrcnet.data.spots import resize_uint8
+from cmrcnet.data.tissue import TissueConfig, TissueMask, detect_tissue
 from cmrcnet.errors import ConfigError, InputFileError
 from cmrcnet.evaluation.localisation import SCORE_KEY, TUMOUR_KEY, tumour_score
 from cmrcnet.evaluation.markers import default_markers, default_tumour_markers
 from cmrcnet.inference.bank import Bank, load_bank
 from cmrcnet.inference.export import GEOJSON_FILE, SPATIAL_UNS, spatial_library, write_tiles_geojson
-from cmrcnet.inference.model_io import TrainedModel, load_trained_model
 from cmrcnet.inference.predict import BankRetriever, embed_patches, prediction_provenance
-from cmrcnet.inference.slide_reader import SlideReader, open_slide, read_thumbnail
-from cmrcnet.inference.tissue import TissueConfig, TissueMask, detect_tissue
 from cmrcnet.reports import REPORT_FILE, slide_report
+from cmrcnet.run.load import TrainedModel, load_trained_model
 from cmrcnet.runtime import resolve_precision
-from cmrcnet.training.spots import resize_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -130,50 +135,6 @@ def _prep_px(trained: TrainedModel) -> int:
     sizes = trained.run_info.get("patch_px") or []
     sizes = sizes if isinstance(sizes, list) else [sizes]
     return int(sizes[0]) if len(sizes) == 1 else int(trained.model_config.img_size)
-
-
-def read_tile(
-    reader: SlideReader, level: int, cx: float, cy: float, fov_px: float, out_px: int
-) -> np.ndarray:
-    """The square tile of side `fov_px` (full-resolution pixels) centred at (cx, cy), as (out_px, out_px, 3) uint8.
-
-    Read from `level` and resampled like training patches (SlideImage.read_patch): box filter when shrinking,
-    bilinear when enlarging, sub-pixel box so tile positions are exact.
-    """
-    ds = reader.level_downsamples[level]
-    side = fov_px / ds  # tile side in level pixels
-    left, top = cx / ds - side / 2.0, cy / ds - side / 2.0
-    x0, y0 = math.floor(left), math.floor(top)
-    x1, y1 = math.ceil(left + side) + 1, math.ceil(top + side) + 1
-    crop = reader.read_region(level, x0, y0, x1 - x0, y1 - y0)  # (y1 - y0, x1 - x0, 3)
-    box = (left - x0, top - y0, left - x0 + side, top - y0 + side)
-    resample = Image.Resampling.BOX if side > out_px else Image.Resampling.BILINEAR
-    return np.asarray(
-        Image.fromarray(crop).resize((out_px, out_px), resample=resample, box=box), dtype=np.uint8
-    )
-
-
-def resolve_slide_pixel_size(reader: SlideReader, user_um: float | None) -> tuple[float, str]:
-    """The user's pixel size (warning when the metadata disagrees by more than 5 %), else the metadata's."""
-    meta = reader.pixel_size_um
-    if user_um is not None:
-        if not (user_um > 0 and math.isfinite(user_um)):
-            raise ConfigError(f"pixel size must be a positive number of micrometres, got {user_um}")
-        if meta is not None and abs(user_um - meta) > 0.05 * meta:
-            logger.warning(
-                "%s: --pixel-size %.4g um differs from the slide's %s %.4g um; using --pixel-size",
-                reader.path,
-                user_um,
-                reader.pixel_size_source,
-                meta,
-            )
-        return float(user_um), "user"
-    if meta is None:
-        raise ConfigError(
-            "the slide records no pixel size; give --pixel-size UM (micrometres per full-resolution pixel)",
-            path=reader.path,
-        )
-    return float(meta), reader.pixel_size_source
 
 
 def default_map_genes(genes: Sequence[str]) -> list[str]:

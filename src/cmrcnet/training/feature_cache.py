@@ -26,9 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from cmrcnet.atomic import atomic_path
+from cmrcnet.data.spots import SpotTable
 from cmrcnet.models.handcrafted import handcrafted_features
 from cmrcnet.runtime import autocast_context
-from cmrcnet.training.spots import SpotTable, augment
+from cmrcnet.training.spots import augment
 
 logger = logging.getLogger(__name__)
 

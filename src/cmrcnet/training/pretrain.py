@@ -114,7 +114,7 @@ class TileSample:
 
 
 def _read_rotated_tile(reader, level: int, cx: float, cy: float, fov_px: float, angle: float, out_px: int):
-    from cmrcnet.inference.slide import read_tile
+    from cmrcnet.data.slide_reader import read_tile
 
     big = math.ceil(out_px * math.sqrt(2)) + 2  # the rotated square's bounding box, with a margin
     crop = read_tile(reader, level, cx, cy, fov_px * big / out_px, big)  # (big, big, 3)
@@ -139,9 +139,8 @@ def sample_tissue_tiles(
     `min_tissue` of its (unrotated) square is tissue on the slide's tissue mask, so a rotated tile is at least
     that much tissue up to its corners.
     """
-    from cmrcnet.inference.slide import resolve_slide_pixel_size
-    from cmrcnet.inference.slide_reader import open_slide, read_thumbnail
-    from cmrcnet.inference.tissue import detect_tissue
+    from cmrcnet.data.slide_reader import open_slide, read_thumbnail, resolve_slide_pixel_size
+    from cmrcnet.data.tissue import detect_tissue
 
     if not slides:
         raise ConfigError("pretraining needs at least one slide")

@@ -32,26 +32,16 @@ from cmrcnet.atomic import write_json, write_text
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.genes import GeneList, select_genes
 from cmrcnet.data.splits import validation_spots
+from cmrcnet.data.spots import SpotTable, load_spot_table
 from cmrcnet.errors import CheckpointError, ConfigError
 from cmrcnet.models import build_model
 from cmrcnet.models.config import ModelConfig
 from cmrcnet.models.encoders import load_encoder_weights
 from cmrcnet.models.handcrafted import patch_features
 from cmrcnet.plotting.curves import plot_loss_curve
-from cmrcnet.runtime import PrecisionChoice, autocast_context, resolve_precision
-from cmrcnet.training.checkpoint import load_checkpoint, save_checkpoint
-from cmrcnet.training.config import RunConfig, load_run_config
-from cmrcnet.training.distributed import (
-    DistInfo,
-    barrier,
-    broadcast_object,
-    dist_from_env,
-    gather_with_grad,
-    init_distributed,
-    resolve_device,
-)
-from cmrcnet.training.feature_cache import FrozenFeatures, dihedral_variants, frozen_features
-from cmrcnet.training.run_layout import (
+from cmrcnet.run.checkpoint import load_checkpoint, save_checkpoint
+from cmrcnet.run.config import RunConfig, load_run_config
+from cmrcnet.run.layout import (
     BANK_FILE,
     BEST_CKPT,
     CONFIG_FILE,
@@ -64,7 +54,18 @@ from cmrcnet.training.run_layout import (
     RUN_FILE,
     SPOTS_FILE,
 )
-from cmrcnet.training.spots import SpotTable, augment, load_spot_table
+from cmrcnet.runtime import PrecisionChoice, autocast_context, resolve_precision
+from cmrcnet.training.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_object,
+    dist_from_env,
+    gather_with_grad,
+    init_distributed,
+    resolve_device,
+)
+from cmrcnet.training.feature_cache import FrozenFeatures, dihedral_variants, frozen_features
+from cmrcnet.training.spots import augment
 
 logger = logging.getLogger(__name__)
 
@@ -572,7 +573,7 @@ def train_run(
     if info.is_main:
         if mcfg.method != "regression":
             from cmrcnet.inference.bank import build_bank, save_bank
-            from cmrcnet.inference.model_io import load_trained_model
+            from cmrcnet.run.load import load_trained_model
 
             trained = load_trained_model(run_dir, device=dev)
             bank = build_bank(trained, dataset, train_samples, progress=progress)

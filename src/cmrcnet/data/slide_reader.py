@@ -658,3 +658,48 @@ def read_thumbnail(
             sums = block.reshape(bh, f, bw, f, 3).sum(axis=(1, 3), dtype=np.uint32)  # (bh, bw, 3)
             thumb[y // f : y // f + bh, x // f : x // f + bw] = np.round(sums / (f * f)).astype(np.uint8)
     return thumb, level_ds * f
+
+
+# --- tiles and pixel size (predict-slide and pretrain) ----------------------------------------------------
+def read_tile(
+    reader: SlideReader, level: int, cx: float, cy: float, fov_px: float, out_px: int
+) -> np.ndarray:
+    """The square tile of side `fov_px` (full-resolution pixels) centred at (cx, cy), as (out_px, out_px, 3) uint8.
+
+    Read from `level` and resampled like training patches (SlideImage.read_patch): box filter when shrinking,
+    bilinear when enlarging, sub-pixel box so tile positions are exact.
+    """
+    ds = reader.level_downsamples[level]
+    side = fov_px / ds  # tile side in level pixels
+    left, top = cx / ds - side / 2.0, cy / ds - side / 2.0
+    x0, y0 = math.floor(left), math.floor(top)
+    x1, y1 = math.ceil(left + side) + 1, math.ceil(top + side) + 1
+    crop = reader.read_region(level, x0, y0, x1 - x0, y1 - y0)  # (y1 - y0, x1 - x0, 3)
+    box = (left - x0, top - y0, left - x0 + side, top - y0 + side)
+    resample = Image.Resampling.BOX if side > out_px else Image.Resampling.BILINEAR
+    return np.asarray(
+        Image.fromarray(crop).resize((out_px, out_px), resample=resample, box=box), dtype=np.uint8
+    )
+
+
+def resolve_slide_pixel_size(reader: SlideReader, user_um: float | None) -> tuple[float, str]:
+    """The user's pixel size (warning when the metadata disagrees by more than 5 %), else the metadata's."""
+    meta = reader.pixel_size_um
+    if user_um is not None:
+        if not (user_um > 0 and math.isfinite(user_um)):
+            raise ConfigError(f"pixel size must be a positive number of micrometres, got {user_um}")
+        if meta is not None and abs(user_um - meta) > 0.05 * meta:
+            logger.warning(
+                "%s: --pixel-size %.4g um differs from the slide's %s %.4g um; using --pixel-size",
+                reader.path,
+                user_um,
+                reader.pixel_size_source,
+                meta,
+            )
+        return float(user_um), "user"
+    if meta is None:
+        raise ConfigError(
+            "the slide records no pixel size; give --pixel-size UM (micrometres per full-resolution pixel)",
+            path=reader.path,
+        )
+    return float(meta), reader.pixel_size_source

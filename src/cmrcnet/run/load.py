@@ -14,9 +14,9 @@ from cmrcnet.errors import CheckpointError, ConfigError, InputFileError, require
 from cmrcnet.models import build_model
 from cmrcnet.models.config import ModelConfig
 from cmrcnet.models.model import CMRCNet
-from cmrcnet.training.checkpoint import load_checkpoint
-from cmrcnet.training.config import RunConfig
-from cmrcnet.training.run_layout import BEST_CKPT, CONFIG_FILE, GENES_FILE, LAST_CKPT, MODEL_FILE, RUN_FILE
+from cmrcnet.run.checkpoint import load_checkpoint
+from cmrcnet.run.config import RunConfig
+from cmrcnet.run.layout import BEST_CKPT, CONFIG_FILE, GENES_FILE, LAST_CKPT, MODEL_FILE, RUN_FILE
 
 logger = logging.getLogger(__name__)
 
