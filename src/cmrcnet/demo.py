@@ -88,5 +88,5 @@ def run_demo(
         if overall.get(key, {}).get("mean") is not None
     ]
     lines.append(f"5. mean PCC on the held-out slide: {', '.join(parts)} (SYNTHETIC data)")
-    lines.append(f"   report: {report / 'summary.md'} (metrics.json, genes.csv, maps_*.png)")
+    lines.append(f"   report: {report / 'report.html'} (also summary.md, metrics.json, genes.csv, maps_*.png)")
     return lines

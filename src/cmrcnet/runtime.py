@@ -159,7 +159,8 @@ def cpu_gemm_probe(*, use_cache: bool = True) -> dict:
                 stored = {}
         except (OSError, ValueError):
             stored = {}
-        hit = stored.get("machines", {}).get(key)
+        machines = stored.get("machines")
+        hit = machines.get(key) if isinstance(machines, dict) else None
         if isinstance(hit, dict) and {"fp32_gflops", "bf16_gflops"} <= set(hit):
             _PROBES[key] = hit
             return {**hit, "cached": True}
