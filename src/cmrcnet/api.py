@@ -232,7 +232,8 @@ def train(
         Continue the run in `out` from its last.pt.
     **overrides
         Single fields: ``epochs``, ``batch_size``, ``lr``, ``seed``, ``precision`` (training), ``method``,
-        ``gene_mode`` ("strict"/"paper"), ``n_genes``, ``include_genes`` (list), ``encoder``,
+        ``gene_mode`` ("strict"/"paper"), ``n_genes``, ``include_genes`` (list), ``tumour_markers`` (add the
+        tumour marker panel the training samples measure; default True), ``encoder``,
         ``encoder_weights``, ``freeze_encoder``, ``handcrafted``, ``feature_cache``.
 
     Returns
@@ -286,6 +287,8 @@ def apply_overrides(cfg: RunConfig, **overrides: Any) -> RunConfig:
         cfg.genes.n_top = given.pop("n_genes")
     if "include_genes" in given:
         cfg.genes.include = list(given.pop("include_genes"))
+    if "tumour_markers" in given:
+        cfg.genes.tumour_markers = bool(given.pop("tumour_markers"))
     encoder, weights = given.pop("encoder", None), given.pop("encoder_weights", None)
     if encoder or weights:
         from cmrcnet.training.pretrain import configure_encoder

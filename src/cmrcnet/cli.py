@@ -203,6 +203,11 @@ def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         help="genes always added to the model's genes (comma-separated or a file), e.g. markers",
     )
     p.add_argument(
+        "--no-tumour-markers",
+        action="store_true",
+        help="do not add the tumour marker panel (ERBB2, GRB7, KRT8, KRT18, KRT19, EPCAM) to the genes",
+    )
+    p.add_argument(
         "--encoder",
         help="image encoder: an architecture (vit-cmrcnet, resnet50) or a folder written by `cmrcnet pretrain`",
     )
@@ -229,7 +234,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     include = None
     if args.include_genes:
-        from cmrcnet.evaluation.markers import parse_markers
+        from cmrcnet.data.markers import parse_markers
 
         include = parse_markers(args.include_genes) or []
     model = api.train(
@@ -250,6 +255,7 @@ def _run_train(args: argparse.Namespace) -> int:
         gene_mode=args.genes,
         n_genes=args.n_genes,
         include_genes=include,
+        tumour_markers=False if args.no_tumour_markers else None,
         encoder=args.encoder,
         encoder_weights=args.encoder_weights,
         freeze_encoder=args.freeze_encoder,
@@ -453,7 +459,7 @@ def _add_evaluate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from cmrcnet import api
-    from cmrcnet.evaluation.markers import parse_markers
+    from cmrcnet.data.markers import parse_markers
 
     metrics = api.evaluate(
         args.pred,
@@ -511,8 +517,8 @@ def _add_cv(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) ->
 
 def _run_cv(args: argparse.Namespace) -> int:
     from cmrcnet import api
+    from cmrcnet.data.markers import parse_markers
     from cmrcnet.evaluation.cv import SUMMARY_MD
-    from cmrcnet.evaluation.markers import parse_markers
 
     result = api.cv(
         args.data,
@@ -575,7 +581,7 @@ def _add_slide_options(p: argparse.ArgumentParser, *, pixel_size_help: str) -> N
 
 
 def _slide_options(args: argparse.Namespace) -> dict:
-    from cmrcnet.evaluation.markers import parse_markers
+    from cmrcnet.data.markers import parse_markers
 
     return dict(
         step_um=args.step_um,
@@ -706,8 +712,8 @@ def _add_localise_eval(sub: argparse._SubParsersAction, common: argparse.Argumen
 
 
 def _run_localise_eval(args: argparse.Namespace) -> int:
+    from cmrcnet.data.markers import parse_markers
     from cmrcnet.evaluation.localisation import localise_eval
-    from cmrcnet.evaluation.markers import parse_markers
 
     r = localise_eval(
         args.pred,

@@ -82,3 +82,30 @@ def test_missing_genes_error_or_fill() -> None:
 def test_bad_gene_config() -> None:
     with pytest.raises(ConfigError, match="mode"):
         GeneSelectionConfig(mode="loose").validate()  # type: ignore[arg-type]
+
+
+def _renamed(a: ad.AnnData, names: dict[int, str]) -> ad.AnnData:
+    a = a.copy()
+    a.var_names = [names.get(i, g) for i, g in enumerate(a.var_names)]
+    return a
+
+
+def test_the_tumour_marker_panel_joins_the_genes_where_every_sample_measures_it(caplog) -> None:
+    import logging
+
+    from cmrcnet.data.markers import BREAST_TUMOUR_MARKERS
+
+    # genes 0-5 renamed to the breast tumour markers in both samples; KRT19 (index 4) missing from sample b
+    names = dict(enumerate(BREAST_TUMOUR_MARKERS))
+    a = _renamed(make_sample("a", seed=0, n_genes=40).counts, names)
+    b = _renamed(make_sample("b", seed=1, n_genes=40).counts, {k: v for k, v in names.items() if v != "KRT19"})
+    cfg = GeneSelectionConfig(n_top=3, min_spot_fraction=0.0)
+    with caplog.at_level(logging.INFO, logger="cmrcnet.data.genes"):
+        chosen = select_genes({"a": a, "b": b}, config=cfg).genes
+    expected = [g for g in BREAST_TUMOUR_MARKERS if g != "KRT19"]
+    assert set(expected) <= set(chosen) and "KRT19" not in chosen
+    assert len(chosen) <= 3 + len(expected)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # a missing marker is no warning
+    cfg.tumour_markers = False
+    plain = select_genes({"a": a, "b": b}, config=cfg).genes
+    assert len(plain) == 3 and plain == chosen[:3]

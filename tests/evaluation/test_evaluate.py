@@ -13,16 +13,16 @@ import pytest
 
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.genes import expression_matrix, normalized_dispersion
-from cmrcnet.data.prepare import prepare_sample
-from cmrcnet.errors import ConfigError, InputFileError
-from cmrcnet.evaluation import evaluate as evaluate_mod
-from cmrcnet.evaluation.evaluate import evaluate_predictions
-from cmrcnet.evaluation.markers import (
+from cmrcnet.data.markers import (
     BREAST_CANCER_MARKERS,
     SYNTHETIC_MARKERS,
     default_markers,
     parse_markers,
 )
+from cmrcnet.data.prepare import prepare_sample
+from cmrcnet.errors import ConfigError, InputFileError
+from cmrcnet.evaluation import evaluate as evaluate_mod
+from cmrcnet.evaluation.evaluate import evaluate_predictions
 from cmrcnet.evaluation.metrics import evaluate_arrays, top_expressed_genes
 
 from sample_factory import make_sample

@@ -12,6 +12,7 @@ import pytest
 from scipy.stats import rankdata
 
 from cmrcnet.cli import main
+from cmrcnet.data.markers import BREAST_TUMOUR_MARKERS, default_tumour_markers
 from cmrcnet.errors import ConfigError
 from cmrcnet.evaluation.localisation import (
     auroc,
@@ -21,7 +22,6 @@ from cmrcnet.evaluation.localisation import (
     match_points,
     tumour_score,
 )
-from cmrcnet.evaluation.markers import BREAST_TUMOUR_MARKERS, default_tumour_markers
 
 
 # --- AUROC ------------------------------------------------------------------------------------------------

@@ -45,6 +45,9 @@ class GeneSelectionConfig:
     n_bins: int = 20  # bins of mean expression for the dispersion z-score
     target_sum: float = 1e4  # library size every spot is scaled to before log1p
     include: list[str] = field(default_factory=list)  # genes always added (e.g. markers) when all samples have them
+    # also add the tumour marker panel (data.markers.default_tumour_markers) that every selection sample measures,
+    # so the tumour score of predict-slide works out of the box; panels a sample lacks are left out silently
+    tumour_markers: bool = True
 
     def validate(self) -> None:
         if self.mode not in ("strict", "paper"):
@@ -205,6 +208,14 @@ def select_genes(
     absent = [g for g in cfg.include if g not in set(genes)]
     if absent:
         logger.warning("genes to include that not every selection sample measures (left out): %s", absent)
+    if cfg.tumour_markers:
+        from cmrcnet.data.markers import default_tumour_markers
+
+        panel = [g for g in default_tumour_markers(genes) if g in set(genes)]
+        added = [g for g in panel if g not in set(chosen) and g not in set(extra)]
+        extra += added
+        if added:
+            logger.info("tumour markers added to the genes (for the tumour score): %s", added)
     chosen = chosen + extra
     if not chosen:
         raise ConfigError("gene selection found no variable gene expressed in enough spots")

@@ -39,9 +39,9 @@ from cmrcnet.constants import CMRCNET_UNS, SAMPLE_KEY, SPATIAL_KEY
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.genes import GeneSelectionConfig, expression_matrix, normalized_dispersion
 from cmrcnet.data.hdf5 import probe_hdf5
+from cmrcnet.data.markers import default_markers
 from cmrcnet.data.sample import check_sparse
 from cmrcnet.errors import ConfigError, InputFileError, require_file
-from cmrcnet.evaluation.markers import default_markers
 from cmrcnet.evaluation.metrics import DEFAULT_EPS, evaluate_arrays, top_expressed_genes
 from cmrcnet.reports import REPORT_FILE, evaluation_report
 

@@ -25,8 +25,8 @@ from scipy.spatial import cKDTree
 from cmrcnet import __version__
 from cmrcnet.atomic import write_json
 from cmrcnet.constants import CMRCNET_UNS, SAMPLE_KEY, SPATIAL_KEY
+from cmrcnet.data.markers import default_tumour_markers
 from cmrcnet.errors import ConfigError, InputFileError, require_file
-from cmrcnet.evaluation.markers import default_tumour_markers
 
 logger = logging.getLogger(__name__)
 

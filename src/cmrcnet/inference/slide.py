@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from cmrcnet.atomic import atomic_path, write_json
 from cmrcnet.constants import CMRCNET_UNS, SAMPLE_KEY, SPATIAL_KEY
+from cmrcnet.data.markers import default_markers, default_tumour_markers
 from cmrcnet.data.slide_reader import (
     SlideReader,
     open_slide,
@@ -47,7 +48,6 @@ from cmrcnet.data.spots import resize_uint8
 from cmrcnet.data.tissue import TissueConfig, TissueMask, detect_tissue
 from cmrcnet.errors import ConfigError, InputFileError
 from cmrcnet.evaluation.localisation import SCORE_KEY, TUMOUR_KEY, tumour_score
-from cmrcnet.evaluation.markers import default_markers, default_tumour_markers
 from cmrcnet.inference.bank import Bank, load_bank
 from cmrcnet.inference.export import GEOJSON_FILE, SPATIAL_UNS, spatial_library, write_tiles_geojson
 from cmrcnet.inference.predict import BankRetriever, embed_patches, prediction_provenance
