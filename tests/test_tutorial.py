@@ -46,6 +46,11 @@ def test_the_api_is_what_the_package_exports() -> None:
             {"epochs": 3},
         ),
         (
+            ["train", "--data", "D", "--train-samples", "a", "--out", "R", "--no-tumour-markers"],
+            "train",
+            {"tumour_markers": False},
+        ),
+        (
             ["predict", "--model", "R", "--data", "D", "--samples", "c", "--out", "p.h5ad", "--k", "7"],
             "predict",
             {"k": 7},
