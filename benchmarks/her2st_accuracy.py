@@ -61,7 +61,7 @@ from cmrcnet.run.load import load_trained_model
 from cmrcnet.runtime import autocast_context
 from cmrcnet.training.pretrain import PretrainConfig, SlideSource, pretrain_encoder
 from cmrcnet.training.spots import augment
-from cmrcnet.training.trainer import train_run
+from cmrcnet.workflows.train import train_run
 
 from _machine import git_commit, machine_info
 

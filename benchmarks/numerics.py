@@ -41,7 +41,7 @@ from cmrcnet.inference.predict import predict_samples
 from cmrcnet.models.layers import CrossAttention
 from cmrcnet.models.vit import VisionTransformer
 from cmrcnet.run.config import load_run_config
-from cmrcnet.training.trainer import train_run
+from cmrcnet.workflows.train import train_run
 
 from _machine import git_commit, machine_info
 from her2st_accuracy import MARKERS, prepare

@@ -106,7 +106,7 @@ def train_tiny_run(root: Path) -> Path:
     from cmrcnet.data.prepare import prepare_sample
     from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples
     from cmrcnet.run.config import load_run_config
-    from cmrcnet.training.trainer import train_run
+    from cmrcnet.workflows.train import train_run
 
     ds = root / "ds"
     for s in make_synthetic_samples(

@@ -1201,7 +1201,7 @@ def train_preset_run(root: Path, preset: str, patch_px: int) -> tuple[Path, floa
     from cmrcnet.data.prepare import prepare_sample
     from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples
     from cmrcnet.run.config import load_run_config
-    from cmrcnet.training.trainer import train_run
+    from cmrcnet.workflows.train import train_run
 
     ds = root / f"ds_{patch_px}"
     if not ds.exists():

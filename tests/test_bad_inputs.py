@@ -28,7 +28,7 @@ from cmrcnet.models import build_model
 from cmrcnet.models.config import ModelConfig
 from cmrcnet.run.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from cmrcnet.run.config import load_run_config
-from cmrcnet.training.trainer import train_run
+from cmrcnet.workflows.train import train_run
 
 from sample_factory import make_sample, write_visium_outs
 

@@ -30,11 +30,11 @@ if TYPE_CHECKING:
 
     from cmrcnet.data.prepare import PrepareSummary
     from cmrcnet.data.sample import Sample
-    from cmrcnet.evaluation.cv import CvResult
     from cmrcnet.inference.bank import Bank
     from cmrcnet.run.config import RunConfig
     from cmrcnet.run.load import TrainedModel
     from cmrcnet.training.trainer import TrainResult
+    from cmrcnet.workflows.cv import CvResult
 
 __all__ = ["Model", "cv", "evaluate", "predict", "predict_slide", "prepare", "read", "train"]
 
@@ -247,7 +247,7 @@ def train(
 
     from cmrcnet.run.config import RunConfig, load_run_config
     from cmrcnet.training.distributed import dist_from_env
-    from cmrcnet.training.trainer import train_run
+    from cmrcnet.workflows.train import train_run
 
     cfg = copy.deepcopy(config) if isinstance(config, RunConfig) else load_run_config(config)
     apply_overrides(cfg, **overrides)
@@ -410,13 +410,13 @@ def cv(data: str | Path, out: str | Path, *, split: str, **options: Any) -> CvRe
         "leave-one-sample-out", "leave-one-patient-out" or "kfold".
     **options
         ``methods``, ``config``, ``seeds``, ``samples``, ``k``, ``split_seed``, ``epochs``, ``precision``,
-        ``markers``, ``protocol``, ``device``, ``plots``, ``progress`` (`cmrcnet.evaluation.cv.run_cv`).
+        ``markers``, ``protocol``, ``device``, ``plots``, ``progress`` (`cmrcnet.workflows.cv.run_cv`).
 
     Returns
     -------
     CvResult
         ``summary`` (the dict written to summary.json) and ``out_dir``.
     """
-    from cmrcnet.evaluation.cv import run_cv
+    from cmrcnet.workflows.cv import run_cv
 
     return run_cv(data, out, split=split, **options)

@@ -518,7 +518,7 @@ def _add_cv(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) ->
 def _run_cv(args: argparse.Namespace) -> int:
     from cmrcnet import api
     from cmrcnet.data.markers import parse_markers
-    from cmrcnet.evaluation.cv import SUMMARY_MD
+    from cmrcnet.workflows.cv import SUMMARY_MD
 
     result = api.cv(
         args.data,

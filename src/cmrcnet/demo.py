@@ -33,7 +33,7 @@ def run_demo(
     from cmrcnet.evaluation.evaluate import evaluate_predictions
     from cmrcnet.inference.predict import predict_samples
     from cmrcnet.run.config import load_run_config
-    from cmrcnet.training.trainer import train_run
+    from cmrcnet.workflows.train import train_run
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

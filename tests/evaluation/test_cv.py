@@ -1,4 +1,4 @@
-"""Tests for cmrcnet.evaluation.cv (`cmrcnet cv`) on a tiny SYNTHETIC dataset with the tiny config, 1 epoch."""
+"""Tests for cmrcnet.workflows.cv (`cmrcnet cv`) on a tiny SYNTHETIC dataset with the tiny config, 1 epoch."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from cmrcnet import cli
 from cmrcnet.data.prepare import prepare_sample
 from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples
 from cmrcnet.errors import ConfigError
-from cmrcnet.evaluation import cv as cv_mod
-from cmrcnet.evaluation.cv import parse_methods, parse_seeds, plan_folds, run_cv
+from cmrcnet.workflows import cv as cv_mod
+from cmrcnet.workflows.cv import parse_methods, parse_seeds, plan_folds, run_cv
 
 # synS1 -> synP1, synS2 -> synP2, synS3 -> synP1 (round-robin)
 SYN = SyntheticConfig(n_slides=3, n_patients=2, n_rows=6, n_cols=6, n_genes=30)

@@ -9,7 +9,7 @@ import pytest
 from cmrcnet.data.prepare import prepare_sample
 from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples
 from cmrcnet.run.config import load_run_config
-from cmrcnet.training.trainer import train_run
+from cmrcnet.workflows.train import train_run
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from cmrcnet.inference.predict import predict_from_embeddings, predict_samples
 from cmrcnet.inference.retrieval import retrieve_expression
 from cmrcnet.run.config import load_run_config
 from cmrcnet.run.load import load_trained_model
-from cmrcnet.training.trainer import train_run
+from cmrcnet.workflows.train import train_run
 
 
 @pytest.fixture(scope="module")

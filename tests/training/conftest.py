@@ -16,7 +16,8 @@ import torch
 from cmrcnet.data.prepare import prepare_sample
 from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples
 from cmrcnet.run.config import RunConfig, load_run_config
-from cmrcnet.training.trainer import TrainResult, train_run
+from cmrcnet.training.trainer import TrainResult
+from cmrcnet.workflows.train import train_run
 
 from training_utils import EXPRESSION_ONLY, TRAIN_SAMPLES
 

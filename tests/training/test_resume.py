@@ -16,7 +16,8 @@ from cmrcnet.errors import CheckpointError
 from cmrcnet.run.checkpoint import load_checkpoint
 from cmrcnet.run.layout import BEST_CKPT, LAST_CKPT, RUN_FILE
 from cmrcnet.training import trainer as trainer_module
-from cmrcnet.training.trainer import Trainer, TrainResult, train_run
+from cmrcnet.training.trainer import Trainer, TrainResult
+from cmrcnet.workflows.train import train_run
 
 from training_utils import (
     TRAIN_SAMPLES,

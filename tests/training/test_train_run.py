@@ -28,7 +28,8 @@ from cmrcnet.run.layout import (
     RUN_FILE,
     SPOTS_FILE,
 )
-from cmrcnet.training.trainer import TrainResult, train_run
+from cmrcnet.training.trainer import TrainResult
+from cmrcnet.workflows.train import train_run
 
 from training_utils import (
     EXPRESSION_ONLY,

@@ -24,7 +24,7 @@ import numpy as np
 
 from cmrcnet.atomic import write_text
 from cmrcnet.constants import CMRCNET_UNS, SPATIAL_KEY
-from cmrcnet.evaluation.localisation import SCORE_KEY
+from cmrcnet.inference.tumour import SCORE_KEY
 
 GEOJSON_FILE = "tiles.geojson"
 

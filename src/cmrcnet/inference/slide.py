@@ -47,10 +47,10 @@ from cmrcnet.data.slide_reader import (
 from cmrcnet.data.spots import resize_uint8
 from cmrcnet.data.tissue import TissueConfig, TissueMask, detect_tissue
 from cmrcnet.errors import ConfigError, InputFileError
-from cmrcnet.evaluation.localisation import SCORE_KEY, TUMOUR_KEY, tumour_score
 from cmrcnet.inference.bank import Bank, load_bank
 from cmrcnet.inference.export import GEOJSON_FILE, SPATIAL_UNS, spatial_library, write_tiles_geojson
 from cmrcnet.inference.predict import BankRetriever, embed_patches, prediction_provenance
+from cmrcnet.inference.tumour import SCORE_KEY, TUMOUR_KEY, tumour_score
 from cmrcnet.reports import REPORT_FILE, slide_report
 from cmrcnet.run.load import TrainedModel, load_trained_model
 from cmrcnet.runtime import resolve_precision

@@ -446,7 +446,7 @@ def write_metrics_csv(path: Path, history: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------- entry point
-def train_run(
+def fit_run(
     *,
     data_dir: str | Path,
     train_samples: list[str],
@@ -458,7 +458,9 @@ def train_run(
     all_samples_for_paper_genes: list[str] | None = None,
     command: str | None = None,
 ) -> TrainResult:
-    """Train a model on `train_samples` of a prepared dataset and write every artefact into `out_dir`."""
+    """Fit a model on `train_samples` of a prepared dataset and write the run folder into `out_dir` (config, genes,
+    checkpoints, metrics, run.json with status "trained"). The reference bank is built by the caller
+    (`cmrcnet.workflows.train.train_run`): training never calls inference."""
     info = dist_from_env()
     dev = resolve_device(device, info)
     init_distributed(info, dev)
@@ -571,16 +573,8 @@ def train_run(
     )
     result = trainer.fit()
     if info.is_main:
-        if mcfg.method != "regression":
-            from cmrcnet.inference.bank import build_bank, save_bank
-            from cmrcnet.run.load import load_trained_model
-
-            trained = load_trained_model(run_dir, device=dev)
-            bank = build_bank(trained, dataset, train_samples, progress=progress)
-            save_bank(bank, run_dir)
-            logger.info("reference bank: %d spots of %s (%s)", len(bank), train_samples, bank.fingerprint)
         meta = json.loads((run_dir / RUN_FILE).read_text())
-        meta.update(status="complete", best_epoch=result.best_epoch + 1, best_val_loss=result.best_val_loss)
+        meta.update(status="trained", best_epoch=result.best_epoch + 1, best_val_loss=result.best_val_loss)
         write_json(run_dir / RUN_FILE, meta)
     barrier()
     return result

@@ -48,7 +48,7 @@ from cmrcnet.models.config import METHODS
 from cmrcnet.run.config import RunConfig, load_run_config
 from cmrcnet.run.layout import BANK_FILE, CONFIG_FILE, LAST_CKPT, RUN_FILE
 from cmrcnet.training.distributed import dist_from_env
-from cmrcnet.training.trainer import train_run
+from cmrcnet.workflows.train import train_run
 
 logger = logging.getLogger(__name__)
 
