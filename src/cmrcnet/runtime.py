@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -67,9 +68,9 @@ def _compute_context(device: torch.device, precision: str) -> Iterator[None]:
 
 
 # --- the machine ----------------------------------------------------------------------------------------------
-def cpu_description() -> dict:
-    """The CPU as benchmarks and probes record it: model, the flags that decide precision speed, torch's
-    dispatch capability and thread count."""
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(CPU model, flags) from /proc/cpuinfo, read once per process: they do not change while it runs."""
     model, flags = "", set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
@@ -84,7 +85,13 @@ def cpu_description() -> dict:
                     break
     except OSError:
         pass
-    model = model or platform.processor() or "unknown"
+    return model or platform.processor() or "unknown", frozenset(flags)
+
+
+def cpu_description() -> dict:
+    """The CPU as benchmarks and probes record it: model, the flags that decide precision speed, torch's
+    dispatch capability and thread count (the last two read afresh: settings can change them)."""
+    model, flags = _cpuinfo()
     try:
         capability = torch.backends.cpu.get_cpu_capability()
     except AttributeError:  # torch < 2.1

@@ -91,11 +91,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+IN_MEMORY = Path("<prediction in memory>")  # what messages name for a prediction given as an AnnData
+
+
 def read_prediction(pred_path: str | Path | ad.AnnData) -> tuple[ad.AnnData, dict[str, Any]]:
     """Read and check a PRED.h5ad (or check a prediction AnnData in memory); return it and its provenance
     (uns["cmrcnet"]) as plain Python."""
     if isinstance(pred_path, ad.AnnData):
-        pred, path = pred_path, Path("<prediction in memory>")
+        pred, path = pred_path, IN_MEMORY
     else:
         path = require_file(pred_path, "prediction file")
         probe_hdf5(path, "prediction file")
@@ -291,7 +294,7 @@ def evaluate_predictions(
         raise ConfigError(f"n_top must be a positive integer, got {n_top!r}")
     pred, info = read_prediction(pred_path)
     in_memory = isinstance(pred_path, ad.AnnData)
-    pred_path = Path("<prediction in memory>") if in_memory else Path(pred_path)
+    pred_path = IN_MEMORY if in_memory else Path(pred_path)
     dataset = PreparedDataset(data_dir)
     label = PROTOCOL_LABEL[protocol]
     synthetic = bool(info.get("synthetic", False))
@@ -498,7 +501,6 @@ def evaluate_predictions(
     genes_df = pd.concat(per_gene_frames, ignore_index=True)
     if plots:
         files += _write_plots(out_dir, dataset, plot_inputs, metrics, set_names, label, synthetic)
-    metrics["files"] = files
     with atomic_path(out_dir / "genes.csv") as tmp:
         genes_df.to_csv(tmp, index=False)
     write_text(out_dir / "summary.md", _summary_markdown(metrics, set_names))

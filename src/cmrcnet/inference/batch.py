@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from cmrcnet import __version__
 from cmrcnet.atomic import atomic_dir, atomic_path, write_json
 from cmrcnet.errors import CmrcnetError, ConfigError, InputFileError, require_file
+from cmrcnet.models.encoders import file_sha256
 from cmrcnet.reports import batch_index
 from cmrcnet.run.layout import BANK_FILE, BEST_CKPT, LAST_CKPT
 
@@ -145,14 +146,6 @@ def process_shard(shard: tuple[int, int]) -> tuple[int, int]:
     k, n = shard
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     return k * world + rank, n * world
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_fingerprint(model: Path) -> str:

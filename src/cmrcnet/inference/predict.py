@@ -20,7 +20,7 @@ from cmrcnet.data.spots import load_spot_table
 from cmrcnet.errors import ConfigError
 from cmrcnet.inference.bank import Bank, load_bank
 from cmrcnet.inference.export import SPATIAL_UNS, SPOT_DIAMETER_UM, spatial_library
-from cmrcnet.inference.retrieval import WEIGHTINGS, aggregate, make_index
+from cmrcnet.inference.retrieval import WEIGHTINGS, aggregate, clamp_k, make_index
 from cmrcnet.models.preprocess import images_to_float
 from cmrcnet.run.load import TrainedModel, load_trained_model
 from cmrcnet.runtime import PrecisionChoice, autocast_context, resolve_precision
@@ -75,9 +75,7 @@ class BankRetriever:
         self.bank = bank if exclude_sample is None else bank.without_sample(exclude_sample)
         if weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
-        if k > len(self.bank):
-            logger.warning("k=%d exceeds the bank's %d spots; using k=%d", k, len(self.bank), len(self.bank))
-        self.k = min(int(k), len(self.bank))
+        self.k = clamp_k(k, len(self.bank))  # once per bank, not once per batch
         self.weighting = weighting
         self.index = make_index(backend)
         self.index.add(self.bank.embeddings)

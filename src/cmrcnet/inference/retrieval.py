@@ -72,7 +72,7 @@ def _check_positive(value: int, name: str) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _clamp_k(k: int, n_bank: int) -> int:
+def clamp_k(k: int, n_bank: int) -> int:
     """Validate `k` and clamp it to the bank size (with a warning)."""
     _check_positive(k, "k")
     if n_bank < 1:
@@ -160,7 +160,7 @@ def topk_cosine(
     _check_positive(chunk_size, "chunk_size")
     _check_positive(query_chunk_size, "query_chunk_size")
     n_q, n_bank = q_all.shape[0], b_all.shape[0]
-    k = _clamp_k(k, n_bank)
+    k = clamp_k(k, n_bank)
     dev = torch.device(device) if device is not None else q_all.device
 
     sims_out = torch.empty((n_q, k), dtype=torch.float32, device=dev)  # (Q, k)
@@ -441,7 +441,7 @@ class FaissIndex:
 
     def search(self, queries: ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k bank vectors of each (Q, D) query: sims (Q, k) float32, idx (Q, k) int64 (numpy)."""
-        k = _clamp_k(k, self.ntotal)
+        k = clamp_k(k, self.ntotal)
         q = _normalised_numpy(queries, "queries")  # (Q, D)
         if q.shape[1] != self._index.d:
             raise ValueError(f"queries have {q.shape[1]} features but the index holds {self._index.d}")
