@@ -232,7 +232,8 @@ def train(
         Continue the run in `out` from its last.pt.
     **overrides
         Single fields: ``epochs``, ``batch_size``, ``lr``, ``seed``, ``precision`` (training), ``method``,
-        ``gene_mode`` ("strict"/"paper"), ``n_genes``, ``include_genes`` (list), ``tumour_markers`` (add the
+        ``gene_mode`` ("strict"/"paper"), ``n_genes`` (highly variable genes), ``n_expressed_genes`` (highly
+        expressed genes added, default 100), ``include_genes`` (list), ``tumour_markers`` (add the
         tumour marker panel the training samples measure; default True), ``encoder``,
         ``encoder_weights``, ``freeze_encoder``, ``handcrafted``, ``feature_cache``.
 
@@ -285,6 +286,8 @@ def apply_overrides(cfg: RunConfig, **overrides: Any) -> RunConfig:
         cfg.genes.mode = given.pop("gene_mode")
     if "n_genes" in given:
         cfg.genes.n_top = given.pop("n_genes")
+    if "n_expressed_genes" in given:
+        cfg.genes.n_top_expressed = given.pop("n_expressed_genes")
     if "include_genes" in given:
         cfg.genes.include = list(given.pop("include_genes"))
     if "tumour_markers" in given:

@@ -38,13 +38,13 @@ def _samples() -> dict[str, ad.AnnData]:
 def test_strict_selection_never_reads_the_test_sample() -> None:
     samples = _samples()
     train = {k: samples[k] for k in ("a", "b")}
-    cfg = GeneSelectionConfig(n_top=10, min_spot_fraction=0.0)
+    cfg = GeneSelectionConfig(n_top=10, n_top_expressed=5, min_spot_fraction=0.0)
     first = select_genes(train, config=cfg, all_samples=samples)
     # perturb the held-out sample heavily: the strict gene list must not move
     rng = np.random.default_rng(1)
     samples["c"].X = sp.csr_matrix(rng.poisson(50.0, size=samples["c"].shape).astype(np.float32))
     second = select_genes(train, config=cfg, all_samples=samples)
-    assert first.genes == second.genes and len(first.genes) == 10
+    assert first.genes == second.genes and 10 <= len(first.genes) <= 15
     assert first.selected_on == ["a", "b"] and first.mode == "strict"
 
 
@@ -99,7 +99,7 @@ def test_the_tumour_marker_panel_joins_the_genes_where_every_sample_measures_it(
     names = dict(enumerate(BREAST_TUMOUR_MARKERS))
     a = _renamed(make_sample("a", seed=0, n_genes=40).counts, names)
     b = _renamed(make_sample("b", seed=1, n_genes=40).counts, {k: v for k, v in names.items() if v != "KRT19"})
-    cfg = GeneSelectionConfig(n_top=3, min_spot_fraction=0.0)
+    cfg = GeneSelectionConfig(n_top=3, n_top_expressed=0, min_spot_fraction=0.0)
     with caplog.at_level(logging.INFO, logger="cmrcnet.data.genes"):
         chosen = select_genes({"a": a, "b": b}, config=cfg).genes
     expected = [g for g in BREAST_TUMOUR_MARKERS if g != "KRT19"]
@@ -109,3 +109,23 @@ def test_the_tumour_marker_panel_joins_the_genes_where_every_sample_measures_it(
     cfg.tumour_markers = False
     plain = select_genes({"a": a, "b": b}, config=cfg).genes
     assert len(plain) == 3 and plain == chosen[:3]
+
+
+def test_strict_panel_holds_the_highly_expressed_genes_of_the_training_spots() -> None:
+    """HVG-N union HEG-M, both ranked over every detected gene: evaluation's HEG-50 is then inside the panel."""
+    from cmrcnet.evaluation.metrics import top_expressed_genes
+
+    samples = _samples()
+    train = {k: samples[k] for k in ("a", "b")}
+    cfg = GeneSelectionConfig(n_top=5, n_top_expressed=8, min_spot_fraction=0.0, tumour_markers=False)
+    chosen = select_genes(train, config=cfg).genes
+    hvg_only = select_genes(train, config=GeneSelectionConfig(
+        n_top=5, n_top_expressed=0, min_spot_fraction=0.0, tumour_markers=False)).genes
+    genes = list(train["a"].var_names)
+    pooled = np.concatenate([normalize_log1p(a, genes) for a in train.values()])
+    heg = top_expressed_genes(pooled, genes, n=8)
+    assert chosen[:5] == hvg_only  # the HVG come first, in their order
+    assert set(heg) <= set(chosen) and set(chosen) == set(hvg_only) | set(heg)
+    assert len(chosen) == len(set(chosen))
+    with pytest.raises(ConfigError, match="n_top_expressed"):
+        GeneSelectionConfig(n_top_expressed=-1).validate()

@@ -232,13 +232,17 @@ def test_constant_genes_excluded_and_counted(tmp_path: Path, data_dir: Path) -> 
     pred_path = write_pred(tmp_path / "PRED.h5ad", data_dir)
     m = evaluate_predictions(pred_path, data_dir, tmp_path / "out", n_top=N_TOP, plots=False)
     te1 = m["per_sample"]["te1"]
-    assert set(te1["gene_sets"]["all"]["excluded"]) == {ZERO_GENE, FLAT_PRED_GENE}
+    # constant in the measured data: excluded; constant in the prediction only: PCC 0 in the headline
+    assert te1["gene_sets"]["all"]["excluded"] == [ZERO_GENE]
+    assert te1["gene_sets"]["all"]["scored_zero"] == [FLAT_PRED_GENE]
     assert te1["n_constant_excluded"] == 2 and te1["n_constant_true"] == 1 and te1["n_constant_pred"] == 1
-    assert te1["gene_sets"]["all"]["n_genes_used"] == 28
+    assert te1["gene_sets"]["all"]["n_genes_used"] == 29
     pred, true, genes = _arrays(pred_path, data_dir, "te1")
     keep = [j for j, g in enumerate(genes) if g not in (ZERO_GENE, FLAT_PRED_GENE)]
     r = [np.corrcoef(pred[:, j], true[:, j])[0, 1] for j in keep]
-    assert te1["gene_sets"]["all"]["mean_pcc"] == pytest.approx(np.mean(r))
+    assert te1["gene_sets"]["all"]["mean_pcc"] == pytest.approx(np.sum(r) / (len(r) + 1))
+    assert te1["gene_sets"]["all"]["mean_pcc_excl_constant"] == pytest.approx(np.mean(r))
+    assert m["overall"]["pcc_all_excl_constant"]["mean"] is not None
     assert m["overall"]["n_constant_excluded_per_sample"] == {"te1": 2, "te2": 0}
     table = pd.read_csv(tmp_path / "out" / "genes.csv")
     row = table[(table.sample_id == "te1") & (table.gene == ZERO_GENE)].iloc[0]

@@ -122,10 +122,13 @@ def test_evaluate_arrays_reports_sets_and_missing_genes() -> None:
     heg = result["gene_sets"]["heg"]
     assert heg == {
         "mean_pcc": pytest.approx(PCC_A),
+        "mean_pcc_excl_constant": pytest.approx(PCC_A),
         "n_genes": 2,
         "n_genes_used": 1,
         "n_excluded_constant": 1,
+        "n_constant_pred_scored_zero": 0,
         "excluded": ["C"],
+        "scored_zero": [],
         "missing": ["Z"],
     }
     assert result["gene_sets"]["markers"]["mean_pcc"] == pytest.approx(PCC_B)
@@ -195,3 +198,18 @@ def test_top_genes_n_handling(caplog: pytest.LogCaptureFixture) -> None:
         top_expressed_genes(EXPR, EXPR_GENES, n=0)
     with pytest.raises(ValueError, match="got 3 gene names for 4 genes"):
         top_expressed_genes(EXPR, EXPR_GENES[:3])
+
+
+def test_gene_constant_in_prediction_scores_zero_in_headline() -> None:
+    """A method cannot drop a hard gene by predicting a constant: it scores 0 there (the exclusion mean too)."""
+    pred = PRED.copy()
+    pred[:, 1] = 0.7  # gene B predicted as a constant; gene C is constant in the measured data
+    result = evaluate_arrays(pred, TRUE, GENES)["gene_sets"]["all"]
+    assert result["mean_pcc"] == pytest.approx((PCC_A + 0.0) / 2)  # C excluded (data), B scored 0
+    assert result["mean_pcc_excl_constant"] == pytest.approx(PCC_A)  # B excluded as well
+    assert result["n_genes_used"] == 2 and result["n_excluded_constant"] == 1
+    assert result["n_constant_pred_scored_zero"] == 1
+    assert result["excluded"] == ["C"] and result["scored_zero"] == ["B"]
+    # a set whose only gene is constant in the prediction scores exactly 0, not NaN
+    only_b = evaluate_arrays(pred, TRUE, GENES, gene_sets={"b": ["B"]})["gene_sets"]["b"]
+    assert only_b["mean_pcc"] == 0.0 and math.isnan(only_b["mean_pcc_excl_constant"])

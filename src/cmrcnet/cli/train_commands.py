@@ -37,6 +37,8 @@ def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--genes", choices=["strict", "paper"], help="gene selection protocol (default strict)")
     p.add_argument("--n-genes", type=_positive_int, help="number of highly variable genes (strict mode)")
+    p.add_argument("--n-expressed-genes", type=int, metavar="M",
+                   help="highly expressed genes added to the panel (strict mode; default 100, 0 for none)")
     p.add_argument(
         "--include-genes",
         help="genes always added to the model's genes (comma-separated or a file), e.g. markers",
@@ -93,6 +95,7 @@ def _run_train(args: argparse.Namespace) -> int:
         method=args.method,
         gene_mode=args.genes,
         n_genes=args.n_genes,
+        n_expressed_genes=args.n_expressed_genes,
         include_genes=include,
         tumour_markers=False if args.no_tumour_markers else None,
         encoder=args.encoder,

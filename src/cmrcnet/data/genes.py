@@ -5,7 +5,10 @@ than scanpy's per-dataset median, keeps values comparable between training slide
 at another depth (her2st B4 has ~15x fewer UMI per spot than patient C).
 
 Gene selection (EVALUATION.md):
-- strict (default): top-N highly variable genes computed on the training samples only;
+- strict (default): the top-N highly variable genes UNION the top-M highly expressed genes (highest mean log1p
+  expression), both ranked over every gene detected in the training samples only (default N = 250, M = 100).
+  The panel therefore holds the HEG-50 and HVG-50 that evaluation chooses on the same training spots, so those
+  sets are chosen from all detected genes, not from a pre-filtered HVG list;
 - paper: CMRCNet's union over all samples (test samples included) of each sample's top-1000 HVGs; this looks
   at the test data and is only for reproducing the paper; it is labelled as such wherever it is used.
 
@@ -40,6 +43,7 @@ class GeneSelectionConfig:
         "strict"  # "strict": HVGs of training samples only; "paper": union of per-sample HVGs (leaks)
     )
     n_top: int = 250  # strict: number of highly variable genes
+    n_top_expressed: int = 100  # strict: number of highly expressed genes (mean log1p) added; 0 for none
     per_sample_top: int = 1000  # paper: top HVGs taken from each sample before the union
     min_spot_fraction: float = 0.05  # genes detected in fewer training spots than this fraction are ignored
     n_bins: int = 20  # bins of mean expression for the dispersion z-score
@@ -54,6 +58,8 @@ class GeneSelectionConfig:
             raise ConfigError(f"gene selection mode must be 'strict' or 'paper', got {self.mode!r}")
         if self.n_top < 1 or self.per_sample_top < 1:
             raise ConfigError("gene selection needs n_top >= 1 and per_sample_top >= 1")
+        if self.n_top_expressed < 0:
+            raise ConfigError(f"n_top_expressed must be >= 0, got {self.n_top_expressed}")
         if not 0.0 <= self.min_spot_fraction < 1.0:
             raise ConfigError(f"min_spot_fraction must be in [0, 1), got {self.min_spot_fraction}")
         if not self.target_sum > 0:
@@ -161,16 +167,33 @@ def _common_genes(adatas: Mapping[str, ad.AnnData]) -> list[str]:
     return [g for g in items[0].var_names if g in common]
 
 
+def _pooled_log1p(adatas: Mapping[str, ad.AnnData], genes: list[str], cfg: GeneSelectionConfig) -> np.ndarray:
+    """(sum N, G) log1p-normalised expression of `genes` over the pooled spots of `adatas`."""
+    return np.concatenate([normalize_log1p(a, genes, target_sum=cfg.target_sum) for a in adatas.values()])
+
+
+def _ranked(score: np.ndarray, genes: list[str], n: int) -> list[str]:
+    """The `n` genes of highest finite `score`, highest first (ties keep the gene order)."""
+    order = np.argsort(np.where(np.isfinite(score), -score, np.inf), kind="stable")
+    return [genes[i] for i in order[: min(n, int(np.isfinite(score).sum()))]]
+
+
 def _top_hvg(
-    adatas: Mapping[str, ad.AnnData], genes: list[str], n: int, cfg: GeneSelectionConfig
+    adatas: Mapping[str, ad.AnnData], genes: list[str], n: int, cfg: GeneSelectionConfig,
+    log_expr: np.ndarray | None = None,
 ) -> list[str]:
-    log_expr = np.concatenate([normalize_log1p(a, genes, target_sum=cfg.target_sum) for a in adatas.values()])
+    log_expr = _pooled_log1p(adatas, genes, cfg) if log_expr is None else log_expr
     detected = (log_expr > 0).mean(axis=0) >= cfg.min_spot_fraction  # (G,)
     score = normalized_dispersion(log_expr, n_bins=cfg.n_bins)
     score[~detected] = np.nan
-    order = np.argsort(np.where(np.isfinite(score), -score, np.inf), kind="stable")
-    n_ok = int(np.isfinite(score).sum())
-    return [genes[i] for i in order[: min(n, n_ok)]]
+    return _ranked(score, genes, n)
+
+
+def _top_expressed(log_expr: np.ndarray, genes: list[str], n: int, cfg: GeneSelectionConfig) -> list[str]:
+    """The `n` detected genes of highest mean log1p expression over the pooled spots (HEG)."""
+    detected = (log_expr > 0).mean(axis=0) >= cfg.min_spot_fraction  # (G,)
+    score = np.where(detected, log_expr.astype(np.float64).mean(axis=0), np.nan)  # (G,)
+    return _ranked(score, genes, n)
 
 
 def select_genes(
@@ -192,7 +215,11 @@ def select_genes(
         raise ConfigError("gene selection needs at least one training sample")
     if cfg.mode == "strict":
         genes = _common_genes(train)
-        chosen = _top_hvg(train, genes, cfg.n_top, cfg)
+        log_expr = _pooled_log1p(train, genes, cfg)  # (sum N, G)
+        chosen = _top_hvg(train, genes, cfg.n_top, cfg, log_expr)
+        if cfg.n_top_expressed:
+            hvg = set(chosen)
+            chosen += [g for g in _top_expressed(log_expr, genes, cfg.n_top_expressed, cfg) if g not in hvg]
         looked_at = list(train)
     else:
         if all_samples is None:

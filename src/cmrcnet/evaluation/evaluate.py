@@ -15,8 +15,10 @@ Protocol (EVALUATION.md):
   minus any evaluated sample; the evaluated samples' counts are never read for this. paper: chosen on each test
   sample's own measurements (CMRCNet's protocol, leaks; labelled "paper protocol" in every output).
 - PCC: per gene within each test sample, mean over genes, then mean (and sample standard deviation, ddof=1)
-  over test samples; never pooled across slides. Genes constant on a sample (population std <= 1e-6 in the
-  measured data or the prediction) are excluded from that sample's means and counted, never set to 0.
+  over test samples; never pooled across slides. A gene constant on a sample's measured data (population std
+  <= 1e-6) is excluded from that sample's means and counted; a gene constant only in the prediction scores 0 in
+  the headline (`pcc_<set>`), and the mean that excludes it too is reported alongside
+  (`pcc_<set>_excl_constant`).
 - NaN in the written JSON (and the returned dict) is null.
 """
 
@@ -52,8 +54,9 @@ Protocol = Literal["strict", "paper"]
 BARCODE_KEY = "barcode"  # obs of PRED.h5ad: spot barcode within its sample
 PCC_POOLING = "per gene within each test sample, mean over genes, then mean over samples"
 CONSTANT_RULE = (
-    f"a gene constant on a test sample (population std <= {DEFAULT_EPS:g} in the measured data or in the "
-    "prediction) has no PCC; it is excluded from that sample's means and counted, never set to 0"
+    f"a gene constant in a test sample's measured data (population std <= {DEFAULT_EPS:g}) has no PCC and is "
+    "excluded from that sample's means and counted; a gene constant only in the prediction scores PCC 0 in the "
+    "headline (pcc_<set>) and is excluded in pcc_<set>_excl_constant, reported alongside"
 )
 PROTOCOL_LABEL = {"strict": "strict protocol", "paper": "paper protocol"}
 PROTOCOL_NOTE = {
@@ -406,6 +409,9 @@ def evaluate_predictions(
         overall[f"pcc_{name}"] = _mean_std(
             [per_sample[s]["gene_sets"][name]["mean_pcc"] for s in test_samples]
         )
+        overall[f"pcc_{name}_excl_constant"] = _mean_std(
+            [per_sample[s]["gene_sets"][name]["mean_pcc_excl_constant"] for s in test_samples]
+        )
     for key in OVERALL_METRICS:
         overall[key] = _mean_std([float(per_sample[s][key]) for s in test_samples])
     overall["n_constant_excluded_per_sample"] = {
@@ -593,7 +599,7 @@ def _summary_markdown(m: dict[str, Any], set_names: list[str]) -> str:
     lines += [
         f"- prediction: `{m['prediction']['path']}` (method {m['prediction'].get('method')})",
         f"- protocol: {m['protocol']}; HEG/HVG selected on: {m['gene_sets'][set_names[0]]['selected_on']}",
-        f"- PCC: {m['pcc_pooling']}; constant genes excluded and counted",
+        f"- PCC: {m['pcc_pooling']}; {m['constant_gene_rule']}",
         f"- marker genes evaluated: {', '.join(m['gene_sets']['markers']['genes']) or 'none'}",
     ]
     for note in m["leakage"]["notes"]:
@@ -606,13 +612,13 @@ def _summary_markdown(m: dict[str, Any], set_names: list[str]) -> str:
         "MAE",
         "spot PCC",
         "gene-gene r",
-        "constant genes",
+        "constant genes (data / prediction)",
     ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for sid, r in m["per_sample"].items():
         cells = [sid, *(_fmt(r["gene_sets"][s]["mean_pcc"]) for s in set_names)]
         cells += [_fmt(r["mse"]), _fmt(r["mae"]), _fmt(r["spotwise_pcc"]), _fmt(r["gene_gene_corr"])]
-        cells.append(str(r["n_constant_excluded"]))
+        cells.append(f"{r['n_constant_true']} / {r['n_constant_pred']}")
         lines.append("| " + " | ".join(cells) + " |")
     o = m["overall"]
 

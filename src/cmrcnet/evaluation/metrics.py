@@ -5,9 +5,14 @@ scipy sparse matrices are accepted and densified (the G here is the evaluated ge
 
 Constant genes (and spots): a column is constant when its population standard deviation (ddof=0) over the spots
 is <= `eps` (default 1e-6; real log1p genes with a single non-zero spot among thousands still have a standard
-deviation of about 1e-2). Pearson correlation is undefined for such a gene, so it is reported as NaN, EXCLUDED
-from every mean, and COUNTED; it is never turned into 0. A gene is excluded when it is constant in the measured
-data or in the prediction (a constant prediction carries no ranking information).
+deviation of about 1e-2). Pearson correlation is undefined for such a column, so the per-gene PCC is NaN. Means
+over a gene set treat the two cases differently:
+- a gene constant in the MEASURED data is EXCLUDED from every mean and COUNTED (no method can be scored on it,
+  so every method has the same denominator);
+- a gene constant only in the PREDICTION scores PCC 0 in the headline mean (`mean_pcc`): a method must not be
+  able to drop a hard gene by predicting a constant. The mean that excludes it as well is reported alongside
+  (`mean_pcc_excl_constant`, the rule of earlier releases).
+Spot-wise PCC excludes and counts spots constant in either array.
 
 Non-finite values in `pred` or `true` raise ValueError: a NaN prediction is a bug upstream, not a score.
 """
@@ -184,6 +189,27 @@ def gene_gene_correlation_preservation(pred: Any, true: Any, *, eps: float = DEF
 
 
 # --- everything at once ---------------------------------------------------------------------------------
+def _set_means(r: np.ndarray, const_true: np.ndarray, names: list[str]) -> dict[str, Any]:
+    """Headline and exclusion means of one gene set's per-gene PCC `r` (NaN where constant in either array).
+
+    Genes constant in the measured data (`const_true`) are excluded from both means; genes constant only in the
+    prediction score 0 in `mean_pcc` and are excluded from `mean_pcc_excl_constant`.
+    """
+    zero = np.isnan(r) & ~const_true  # constant in the prediction only
+    headline = np.where(zero, 0.0, r)[~const_true]
+    defined = r[~np.isnan(r)]
+    return {
+        "mean_pcc": float(headline.mean()) if headline.size else float("nan"),
+        "mean_pcc_excl_constant": float(defined.mean()) if defined.size else float("nan"),
+        "n_genes": int(r.size),
+        "n_genes_used": int(headline.size),
+        "n_excluded_constant": int(const_true.sum()),
+        "n_constant_pred_scored_zero": int(zero.sum()),
+        "excluded": [g for g, c in zip(names, const_true, strict=True) if c],
+        "scored_zero": [g for g, z in zip(names, zero, strict=True) if z],
+    }
+
+
 def evaluate_arrays(
     pred: Any,
     true: Any,
@@ -204,8 +230,10 @@ def evaluate_arrays(
     Returns:
         dict with
         `n_spots`, `n_genes`;
-        `gene_sets`: {set name: {"mean_pcc", "n_genes" (found), "n_genes_used", "n_excluded_constant",
-        "excluded" (gene names), "missing" (gene names)}};
+        `gene_sets`: {set name: {"mean_pcc" (headline: genes constant in the prediction score 0),
+        "mean_pcc_excl_constant" (those genes excluded instead), "n_genes" (found), "n_genes_used" (in the
+        headline mean), "n_excluded_constant" (constant in the measured data), "n_constant_pred_scored_zero",
+        "excluded" and "scored_zero" (gene names), "missing" (gene names)}};
         `mse`, `mae`; `spotwise_pcc`, `n_spots_used`, `n_spots_excluded_constant`; `gene_gene_corr`;
         `n_constant_excluded` (genes constant in the data or the prediction), `n_constant_true`,
         `n_constant_pred`; `per_gene`: DataFrame with columns gene, pcc, mean_true, mean_pred, var_true,
@@ -234,16 +262,8 @@ def evaluate_arrays(
                 "gene set %r: %d of %d genes are not in the panel", set_name, len(missing), len(wanted)
             )
         cols = np.array([position[g] for g in wanted if g in position], dtype=np.int64)
-        r = pcc[cols]
-        used = ~np.isnan(r)
-        set_results[set_name] = {
-            "mean_pcc": float(r[used].mean()) if used.any() else float("nan"),
-            "n_genes": int(cols.size),
-            "n_genes_used": int(used.sum()),
-            "n_excluded_constant": int((~used).sum()),
-            "excluded": [names[c] for c in cols[~used]],
-            "missing": missing,
-        }
+        set_results[set_name] = {**_set_means(pcc[cols], const_true[cols], [names[c] for c in cols]),
+                                 "missing": missing}
 
     spot = spotwise_pcc(p, t, eps=eps)
     per_gene = pd.DataFrame(
