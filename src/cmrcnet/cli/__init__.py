@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from cmrcnet import __version__
 from cmrcnet.cli._common import _Parser
 from cmrcnet.cli.data_commands import _add_demo, _add_prepare
+from cmrcnet.cli.encoder_commands import _add_encoders
 from cmrcnet.cli.predict_commands import _add_bank, _add_cv, _add_evaluate, _add_predict
 from cmrcnet.cli.slide_commands import _add_localise_eval, _add_predict_slide, _add_predict_slides
 from cmrcnet.cli.train_commands import _add_pretrain, _add_train
@@ -40,6 +41,7 @@ SUBCOMMANDS = (
     _add_predict_slide,
     _add_predict_slides,
     _add_localise_eval,
+    _add_encoders,
 )
 
 

@@ -14,8 +14,12 @@ Registered architectures:
                    torchvision-layout state dict (ImageNet or a pathology self-supervised checkpoint) loads as is.
                    Tokens: the last stage's feature map, one token per cell (7 x 7 = 49 at 224 px), width 2048.
 
-`load_encoder_weights` loads a state dict from .safetensors or a torch file (always weights_only=True), strips
-a wrapper prefix ("module.", "backbone.", ...) when that makes the names match, and reports what did not match.
+    pathology foundation models (UNI, UNI2-h, H-optimus-0/1, Virchow2, Prov-GigaPath, Phikon, CONCH v1): the
+                   vendors' architectures and parameter names (models/foundation); `cmrcnet encoders` lists them.
+
+`load_encoder_weights` loads a state dict from .safetensors or a torch file (always weights_only=True) or a
+checkpoint folder holding one, strips a wrapper prefix ("module.", "backbone.", ...) when that makes the names
+match, and reports what did not match.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ import torch
 from torch import nn
 
 from cmrcnet.errors import CheckpointError, ConfigError
+from cmrcnet.models.foundation import FOUNDATION_SPECS, FoundationSpec, resolve_weights_path
+from cmrcnet.models.foundation.base import FoundationBackbone
+from cmrcnet.models.foundation.loading import check_layout, strip_prefix
 
 if TYPE_CHECKING:
     from cmrcnet.models.config import ModelConfig
@@ -115,6 +122,7 @@ class EncoderArchitecture:
     name: str
     description: str
     build: Callable[[ModelConfig], nn.Module]
+    foundation: FoundationSpec | None = None  # a pretrained vendor model (built at its own size; frozen by default)
 
 
 def _build_vit(config: ModelConfig) -> nn.Module:
@@ -145,6 +153,10 @@ ARCHITECTURES: dict[str, EncoderArchitecture] = {
         ),
         EncoderArchitecture(
             "resnet50", "ResNet-50, torchvision parameter names, 2048-d tokens", _build_resnet50
+        ),
+        *(
+            EncoderArchitecture(spec.name, f"{spec.title}: {spec.architecture}", lambda _c, s=spec: s.build(), spec)
+            for spec in FOUNDATION_SPECS.values()
         ),
     )
 }
@@ -182,7 +194,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"not a readable safetensors file ({exc})", path=path) from exc
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # memory-mapped: a multi-gigabyte file is paged in as its tensors are copied, not read up front
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # the legacy (non-zip) format cannot be mapped; anything else is an error
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, refused globals, truncated zip files, ...
         raise CheckpointError(
             f"not a loadable weights file (only plain tensors are accepted: {str(exc).splitlines()[0]})",
@@ -200,15 +217,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
     """Remove the leading dotted prefix (e.g. "module.backbone.") that makes the most keys match the encoder's
     own names; keys without it are kept as they are."""
-    candidates = {""}
-    for key in state:
-        parts = key.split(".")
-        candidates.update(".".join(parts[:n]) + "." for n in range(1, min(4, len(parts))))
-
-    def matches(prefix: str) -> int:
-        return sum(1 for k in state if k.startswith(prefix) and k[len(prefix) :] in expected)
-
-    best = max(sorted(candidates, key=len), key=matches)  # ties: the shortest prefix
+    best = strip_prefix(list(state), expected)
     if not best:
         return state
     return {(k[len(best) :] if k.startswith(best) else k): v for k, v in state.items()}
@@ -247,9 +256,17 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path, *, strict: bool =
     an error too; otherwise they are reported (and logged) and the missing ones keep their initial values. At
     least half of the encoder's tensors must be found, so pointing at the wrong file fails loudly.
     """
-    path = Path(path)
+    path = resolve_weights_path(path)
     own = encoder.state_dict()
     state = _strip_prefixes(read_state_dict(path), set(own))
+    if isinstance(encoder, FoundationBackbone):  # a vendor model: every tensor but the optional ones is required
+        check_layout(
+            {k: tuple(v.shape) for k, v in own.items()},
+            {k: tuple(v.shape) for k, v in state.items()},
+            path=path,
+            what=f"this encoder ({type(encoder).__name__})",
+            optional=encoder.optional_tensors,
+        )
     bad_shapes = [
         f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
         for k in own

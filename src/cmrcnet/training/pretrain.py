@@ -424,10 +424,12 @@ def _write_encoder_dir(
 
 
 def configure_encoder(cfg, spec: str | None, weights: str | Path | None = None) -> None:
-    """Point a RunConfig at an encoder: `spec` is a registry name ("vit-cmrcnet", "resnet50") or a folder
-    written by `pretrain_encoder` (whose preset, architecture and weights it then uses); `weights` is a
-    .safetensors or torch state-dict file for the chosen architecture (a plug-in pretrained encoder)."""
+    """Point a RunConfig at an encoder: `spec` is a registry name ("vit-cmrcnet", "resnet50", "uni", ...; see
+    `cmrcnet encoders`) or a folder written by `pretrain_encoder` (whose preset, architecture and weights it then
+    uses); `weights` is a .safetensors or torch state-dict file, or a checkpoint folder holding one, for the chosen
+    architecture (a plug-in pretrained encoder). A foundation model's encoder is frozen (features cached)."""
     from cmrcnet.models.encoders import ARCHITECTURES
+    from cmrcnet.models.foundation import resolve_weights_path
 
     if spec:
         path = Path(spec)
@@ -449,9 +451,27 @@ def configure_encoder(cfg, spec: str | None, weights: str | Path | None = None) 
         if cfg.encoder_weights:
             raise ConfigError("give pretrained weights either as an encoder folder or as --encoder-weights")
         path = Path(weights)
-        if not path.is_file():
+        if not path.exists():
             raise InputFileError("encoder weights file not found", path=path)
-        cfg.encoder_weights = str(path.resolve())
+        cfg.encoder_weights = str(resolve_weights_path(path).resolve())
+    _configure_foundation(cfg, weights)
+
+
+def _configure_foundation(cfg, weights: str | Path | None) -> None:
+    """A pathology foundation model (models/foundation) needs its vendor's weights, which are checked against
+    its layout here (in a second, before any data is read); its features are frozen and cached by default."""
+    from cmrcnet.models.foundation import FOUNDATION_SPECS, check_weights_file
+
+    spec = FOUNDATION_SPECS.get(cfg.model.get("image_encoder", ""))
+    if spec is None:
+        return
+    if not weights:
+        raise ConfigError(
+            f"--encoder {spec.name} needs its weights: download {spec.weights_file} from {spec.weights_url} "
+            f"({spec.licence}) and pass it as --encoder-weights"
+        )
+    cfg.encoder_weights = str(check_weights_file(spec, weights).resolve())
+    cfg.model["freeze_encoder"] = True
 
 
 def read_encoder_dir(path: str | Path) -> dict:
