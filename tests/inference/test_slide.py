@@ -102,7 +102,7 @@ def test_planar_tiff_without_zarr_reads_small_levels_whole(
         assert [r.access_method(lv) for lv in (0, 1)] == ["whole", "whole"]
         np.testing.assert_array_equal(r.read_region(0, 10, 20, 50, 40), img[20:60, 10:60])
     # a level too large to load whole is not used: the finest readable level is, with a clear error for the other
-    monkeypatch.setattr("cmrcnet.data.slide_reader.MAX_WHOLE_LEVEL_BYTES", 100 * 80 * 3)
+    monkeypatch.setattr("cmrcnet.data.slides.tiff_reader.MAX_WHOLE_LEVEL_BYTES", 100 * 80 * 3)
     with TiffReader(path, use_zarr=False) as r:
         assert r.readable_levels() == [1] and r.best_level_for_downsample(1.0) == 1
         with pytest.raises(ConfigError, match="pip install zarr"):
