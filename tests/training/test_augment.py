@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from cmrcnet.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, images_to_float
+from cmrcnet.training.schedule import index_batches as _batches
+from cmrcnet.training.schedule import lr_at
 from cmrcnet.training.spots import augment
-from cmrcnet.training.trainer import _batches, lr_at
 
 S = 6  # image side: small, and every pixel distinct so each dihedral variant is recognisable
 

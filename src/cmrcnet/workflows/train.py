@@ -13,7 +13,8 @@ from cmrcnet.run.config import RunConfig
 from cmrcnet.run.layout import RUN_FILE
 from cmrcnet.run.load import load_trained_model
 from cmrcnet.training.distributed import barrier, dist_from_env, resolve_device
-from cmrcnet.training.trainer import TrainResult, fit_run
+from cmrcnet.training.fit import fit_run
+from cmrcnet.training.trainer import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +31,13 @@ def train_run(
     all_samples_for_paper_genes: list[str] | None = None,
     command: str | None = None,
 ) -> TrainResult:
-    """Train on `train_samples` (`cmrcnet.training.trainer.fit_run`, every argument as there), then embed the
+    """Train on `train_samples` (`cmrcnet.training.fit.fit_run`, every argument as there), then embed the
     training samples' expression into the reference bank (`cmrcnet.inference.bank`, not for the regression
     method) and mark run.json "complete". Under torchrun the first process builds the bank; all wait for it."""
     result = fit_run(
         data_dir=data_dir,
         train_samples=train_samples,
-        out_dir=out_dir,
+        run_dir=out_dir,
         config=config,
         device=device,
         resume=resume,
