@@ -28,17 +28,23 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 from PIL import Image
-from scipy import ndimage
 
 from cmrcnet.atomic import atomic_path, write_text
 from cmrcnet.constants import DEFAULT_FOV_UM, SPATIAL_KEY
 from cmrcnet.data.image import SlideImage
 from cmrcnet.data.sample import Sample, finalize_counts
+from cmrcnet.data.synthetic_fields import (
+    CELL_UM,
+    PROGRAMS,
+    LatentFields,
+    latent_fields,
+    sample_coarse,
+)
+from cmrcnet.data.synthetic_render import render_slide
 from cmrcnet.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-PROGRAMS = ("tumour", "immune", "stroma")  # latent tissue programs, in the order of obsm[PROGRAMS_KEY]
 PROGRAMS_KEY = "synthetic_programs"  # obsm: (N, 3) true program activities of each spot (ground truth)
 NOISE_PROGRAM = "noise"  # marker_genes() label of the negative-control gene
 DESCRIPTION = (
@@ -60,12 +66,6 @@ _MARKERS: dict[str, str] = {
     "SYN_NOISE1": NOISE_PROGRAM,
 }
 
-# optical density per unit stain in (R, G, B): hematoxylin (Ruifrok & Johnston 2001) and a pinker eosin
-_HEMATOXYLIN_OD = np.array([0.65, 0.70, 0.29], dtype=np.float32)
-_EOSIN_OD = np.array([0.10, 0.85, 0.40], dtype=np.float32)
-_GLASS_OD = 0.035  # clean glass is almost, not quite, white
-
-_CELL_UM = 8.0  # resolution of the latent fields (micrometres per coarse cell)
 _MARKER_LOADING = 3.0  # log fold change of a marker between 0 and 100 % of its program
 
 
@@ -99,8 +99,8 @@ class SyntheticConfig:
         for name in ("spot_pitch_um", "spot_diameter_um", "pixel_size_um", "mean_library_size", "dispersion"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.program_scale_um < 2 * _CELL_UM:
-            raise ConfigError(f"program_scale_um must be >= {2 * _CELL_UM}, got {self.program_scale_um}")
+        if self.program_scale_um < 2 * CELL_UM:
+            raise ConfigError(f"program_scale_um must be >= {2 * CELL_UM}, got {self.program_scale_um}")
         if self.margin_um < DEFAULT_FOV_UM / 2:
             raise ConfigError(
                 f"margin_um must be >= {DEFAULT_FOV_UM / 2} (half a field of view), got {self.margin_um}"
@@ -152,10 +152,10 @@ def make_synthetic_samples(config: SyntheticConfig | None = None) -> list[Sample
         stain_scale = patient_rng.uniform(0.85, 1.15, size=2)  # patient-level staining batch effect
         gene_offset = patient_rng.normal(0.0, 0.15, size=config.n_genes)  # patient-level expression shift
         rng = np.random.default_rng([config.seed, 1, index])
-        fields = _latent_fields(rng, config)
-        image = _render_slide(rng, fields, config, stain_scale)
+        fields = latent_fields(rng, image_size_px(config), config.pixel_size_um, config.program_scale_um)
+        image = render_slide(rng, fields, image_size_px(config), config.pixel_size_um, stain_scale)
         array_xy, pixel_xy = _spot_grid(rng, config)
-        keep = _sample_coarse(fields.tissue, pixel_xy, config) > 0.0  # only spots on tissue
+        keep = sample_coarse(fields.tissue, pixel_xy, config.pixel_size_um) > 0.0  # only spots on tissue
         array_xy, pixel_xy = array_xy[keep], pixel_xy[keep]
         activity, hidden = _spot_programs(fields, pixel_xy, config)
         counts = _simulate_counts(rng, genes, activity, hidden, gene_offset, config)
@@ -260,217 +260,6 @@ def write_synthetic_raw(out_dir: str | Path, config: SyntheticConfig | None = No
 # --- latent fields -----------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Fields:
-    """Latent maps of one slide on the coarse grid (_CELL_UM micrometres per cell)."""
-
-    tissue: np.ndarray  # (hc, wc) signed level: > 0 on tissue
-    programs: np.ndarray  # (3, hc, wc) program proportions, summing to 1
-    hidden: np.ndarray  # (hc, wc) standardised field that genes see but the image does not
-    fibre_warp: np.ndarray  # (hc, wc) fibre phase displacement in micrometres
-    fibre_angle: float  # main collagen fibre direction (radians)
-
-
-def _coarse_shape(config: SyntheticConfig) -> tuple[int, int]:
-    w, h = image_size_px(config)
-    return int(np.ceil(h * config.pixel_size_um / _CELL_UM)), int(
-        np.ceil(w * config.pixel_size_um / _CELL_UM)
-    )
-
-
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], scale_um: float) -> np.ndarray:
-    """White noise blurred to correlation length `scale_um`, standardised to mean 0 and std 1."""
-    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=scale_um / _CELL_UM, mode="reflect")
-    return (field - field.mean()) / max(float(field.std()), 1e-12)
-
-
-def _latent_fields(rng: np.random.Generator, config: SyntheticConfig) -> _Fields:
-    shape = _coarse_shape(config)
-    hc, wc = shape
-    # tissue: an ellipse with a smoothly irregular border, centred near the spot grid's centre
-    yy, xx = np.mgrid[0:hc, 0:wc].astype(np.float64)
-    cy, cx = (hc - 1) / 2 + rng.normal(0, 0.03 * hc), (wc - 1) / 2 + rng.normal(0, 0.03 * wc)
-    ry, rx = rng.uniform(0.42, 0.5) * hc, rng.uniform(0.42, 0.5) * wc
-    radius = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
-    tissue = 1.0 - radius - 0.12 * _smooth_field(rng, shape, 90.0) - 0.04 * _smooth_field(rng, shape, 25.0)
-    # programs: softmax of independent smooth fields; immune aggregates are smaller than tumour regions
-    scale = config.program_scale_um
-    logits = np.stack(
-        [
-            2.2 * _smooth_field(rng, shape, scale),
-            2.2 * _smooth_field(rng, shape, 0.6 * scale) - 0.3,
-            2.2 * _smooth_field(rng, shape, scale),
-        ]
-    )  # (3, hc, wc)
-    logits -= logits.max(axis=0, keepdims=True)
-    programs = np.exp(logits)
-    programs /= programs.sum(axis=0, keepdims=True)
-    hidden = _smooth_field(rng, shape, scale)
-    fibre_warp = 25.0 * _smooth_field(rng, shape, 60.0)
-    return _Fields(tissue, programs, hidden, fibre_warp, float(rng.uniform(0, np.pi)))
-
-
-def _sample_coarse(field: np.ndarray, xy_px: np.ndarray, config: SyntheticConfig) -> np.ndarray:
-    """Nearest-cell lookup of a coarse field at pixel positions (N, 2) = (x, y); field may be (..., hc, wc)."""
-    hc, wc = field.shape[-2:]
-    col = np.clip((xy_px[:, 0] * config.pixel_size_um / _CELL_UM).astype(np.int64), 0, wc - 1)
-    row = np.clip((xy_px[:, 1] * config.pixel_size_um / _CELL_UM).astype(np.int64), 0, hc - 1)
-    return field[..., row, col]
-
-
-def _upsample(field: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a coarse 2-D field to (width, height) = `size`, as float32."""
-    return np.array(Image.fromarray(field.astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
-
-
-# --- image ---------------------------------------------------------------------------------------------------
-
-# per program: nuclei per square micrometre, semi-axis range (um), aspect range, optical density, chromatin
-_NUCLEI = {
-    "tumour": {"density": 1 / 90, "radius": (4.5, 6.5), "aspect": (1.0, 1.5), "od": 0.75, "vesicular": True},
-    "immune": {"density": 1 / 45, "radius": (2.6, 3.4), "aspect": (1.0, 1.15), "od": 1.7, "vesicular": False},
-    "stroma": {"density": 1 / 700, "radius": (6.0, 9.0), "aspect": (3.0, 4.5), "od": 1.1, "vesicular": False},
-}
-_N_KERNELS = 24  # precomputed nucleus shapes per program
-
-
-def _nucleus_kernels(
-    rng: np.random.Generator, program: str, px_um: float, angles: np.ndarray
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Small soft-edged ellipses as (dy, dx, optical density) of their non-zero pixels, one per angle."""
-    spec = _NUCLEI[program]
-    half = int(np.ceil(spec["radius"][1] / px_um)) + 2
-    dy, dx = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float64)
-    kernels = []
-    for angle in angles:
-        a = rng.uniform(*spec["radius"]) / px_um  # major semi-axis (px)
-        b = a / rng.uniform(*spec["aspect"])  # minor semi-axis (px)
-        u = dx * np.cos(angle) + dy * np.sin(angle)
-        v = -dx * np.sin(angle) + dy * np.cos(angle)
-        r = np.sqrt((u / a) ** 2 + (v / b) ** 2)  # 1 on the nuclear membrane
-        edge = np.clip((1.0 - r) * b / 0.8 + 0.5, 0.0, 1.0)  # about 1 px soft edge
-        value = spec["od"] * edge
-        if spec["vesicular"]:  # pale centre, dark rim and a nucleolus
-            value *= 0.65 + 0.5 * np.clip(r, 0, 1) ** 2
-            ny, nx = rng.uniform(-0.3, 0.3, size=2) * b
-            value += 0.9 * np.exp(-((dy - ny) ** 2 + (dx - nx) ** 2) / (2 * (0.6 / px_um) ** 2)) * edge
-        keep = value > 0.01
-        kernels.append((dy[keep].astype(np.int64), dx[keep].astype(np.int64), value[keep].astype(np.float32)))
-    return kernels
-
-
-def _place_nuclei(
-    rng: np.random.Generator,
-    weight: np.ndarray,
-    density_um2: float,
-    size: tuple[int, int],
-    config: SyntheticConfig,
-) -> np.ndarray:
-    """Inhomogeneous Poisson points (N, 2) = (x, y) in pixels with intensity density * weight (by thinning)."""
-    w, h = size
-    area_um2 = w * h * config.pixel_size_um**2
-    xy = rng.uniform((0, 0), (w, h), size=(rng.poisson(density_um2 * area_um2), 2))
-    accept = rng.uniform(size=len(xy)) < np.clip(_sample_coarse(weight, xy, config), 0.0, 1.0)
-    return xy[accept]
-
-
-def _stamp(
-    canvas: np.ndarray,
-    xy: np.ndarray,
-    kernel_index: np.ndarray,
-    scale: np.ndarray,
-    kernels: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-) -> None:
-    """Add kernels[kernel_index[i]] * scale[i] centred at xy[i] into `canvas` (H, W), clipped at its border."""
-    h, w = canvas.shape
-    cx, cy = np.rint(xy[:, 0]).astype(np.int64), np.rint(xy[:, 1]).astype(np.int64)
-    flat_index, flat_value = [], []
-    for k, (dy, dx, value) in enumerate(kernels):
-        sel = kernel_index == k
-        rows = cy[sel, None] + dy[None, :]  # (n_k, kernel pixels)
-        cols = cx[sel, None] + dx[None, :]  # (n_k, kernel pixels)
-        inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
-        flat_index.append((rows * w + cols)[inside])
-        flat_value.append((scale[sel, None] * value[None, :])[inside])
-    if flat_index:
-        idx, val = np.concatenate(flat_index), np.concatenate(flat_value)
-        canvas += np.bincount(idx, weights=val, minlength=h * w).reshape(h, w).astype(np.float32)
-
-
-def _render_slide(
-    rng: np.random.Generator, fields: _Fields, config: SyntheticConfig, stain_scale: np.ndarray
-) -> np.ndarray:
-    """The H&E-like RGB uint8 image (H, W, 3) of one slide."""
-    size = image_size_px(config)
-    w, h = size
-    px_um = config.pixel_size_um
-    tumour, immune, stroma = (_upsample(p, size) for p in fields.programs)
-    grain = ndimage.gaussian_filter(rng.standard_normal((h, w), dtype=np.float32), sigma=1.0 / px_um)
-    grain /= max(float(grain.std()), 1e-6)  # (H, W) unit-variance pixel-scale texture
-    tissue = _upsample(fields.tissue, size)  # (H, W) signed level, 0 on the border
-    tissue *= 40.0
-    tissue += 0.5 + 0.15 * grain
-    np.clip(tissue, 0.0, 1.0, out=tissue)  # (H, W) soft tissue alpha with a ragged edge
-
-    # eosin: collagen fibres in stroma (wavy parallel bands), moderate cytoplasm elsewhere
-    xs = np.arange(w, dtype=np.float32) * np.float32(px_um * np.cos(fields.fibre_angle))
-    ys = np.arange(h, dtype=np.float32) * np.float32(px_um * np.sin(fields.fibre_angle))
-    fibres = _upsample(fields.fibre_warp, size)  # (H, W) micrometres along the fibre normal
-    fibres += xs[None, :]
-    fibres += ys[:, None]
-    fibres *= np.float32(2 * np.pi / 9.0)  # 9 um between fibres
-    np.sin(fibres, out=fibres)
-    fibres = (0.5 + 0.5 * fibres) ** 3  # (H, W) thin bright bands in [0, 1]
-    eosin = 0.30 + 0.15 * tumour + 0.05 * immune + stroma * (0.25 + 0.55 * fibres) + 0.04 * grain
-    np.clip(eosin, 0.0, None, out=eosin)
-    hema = 0.10 * tumour + 0.05 * immune + 0.02 * grain  # purplish cytoplasm / background haze
-    del tumour, immune, stroma, fibres
-
-    # nuclei: Poisson points per program, stamped from a small bank of precomputed shapes
-    nuclei = np.zeros((h, w), dtype=np.float32)
-    tissue_mask = (fields.tissue > 0).astype(np.float64)
-    for p, program in enumerate(PROGRAMS):
-        spec = _NUCLEI[program]
-        xy = _place_nuclei(rng, fields.programs[p] * tissue_mask, spec["density"], size, config)
-        if program == "stroma":  # fibroblasts lie along the fibres
-            angles = fields.fibre_angle + np.pi / 2 + rng.normal(0, 0.25, size=_N_KERNELS)
-        else:
-            angles = rng.uniform(0, np.pi, size=_N_KERNELS)
-        kernels = _nucleus_kernels(rng, program, px_um, angles)
-        _stamp(
-            nuclei,
-            xy,
-            rng.integers(0, _N_KERNELS, size=len(xy)),
-            rng.uniform(0.85, 1.15, size=len(xy)),
-            kernels,
-        )
-    nuclei *= 1.0 + 0.12 * grain  # chromatin texture
-    nuclei /= 2.2
-    np.tanh(nuclei, out=nuclei)
-    hema += 2.2 * nuclei  # overlapping nuclei saturate at 2.2
-    del nuclei
-
-    # Beer-Lambert: optical density per channel -> transmitted light
-    hema *= tissue
-    hema *= np.float32(stain_scale[0])
-    eosin *= tissue
-    eosin *= np.float32(stain_scale[1])
-    glass = np.float32(_GLASS_OD) * (1.0 + 0.2 * grain)
-    rgb = np.empty((h, w, 3), dtype=np.uint8)
-    for c in range(3):
-        od = hema * _HEMATOXYLIN_OD[c]
-        od += eosin * _EOSIN_OD[c]
-        od += glass
-        np.negative(od, out=od)
-        np.exp(od, out=od)
-        od *= 255.0
-        rgb[..., c] = od  # in (0, 255]: the cast truncates
-    return rgb
-
-
-# --- spots and expression --------------------------------------------------------------------------------
-
-
 def _grid_origin_px(config: SyntheticConfig) -> tuple[float, float]:
     """Pixel (x, y) of the spot at array position (1, 1)."""
     return config.margin_um / config.pixel_size_um, config.margin_um / config.pixel_size_um
@@ -488,20 +277,22 @@ def _spot_grid(rng: np.random.Generator, config: SyntheticConfig) -> tuple[np.nd
 
 
 def _spot_programs(
-    fields: _Fields, pixel_xy: np.ndarray, config: SyntheticConfig
+    fields: LatentFields, pixel_xy: np.ndarray, config: SyntheticConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     """Program activities (N, 3) and hidden field (N,) averaged over each spot's disc."""
     radius_px = config.spot_diameter_um / 2 / config.pixel_size_um
-    step = _CELL_UM / config.pixel_size_um / 2  # sample the disc at twice the coarse resolution
+    step = CELL_UM / config.pixel_size_um / 2  # sample the disc at twice the coarse resolution
     n = int(np.ceil(radius_px / step))
     oy, ox = np.mgrid[-n : n + 1, -n : n + 1] * step
     inside = ox**2 + oy**2 <= radius_px**2
     offsets = np.stack([ox[inside], oy[inside]], axis=1)  # (K, 2)
     points = (pixel_xy[:, None, :] + offsets[None, :, :]).reshape(-1, 2)  # (N * K, 2)
     programs = (
-        _sample_coarse(fields.programs, points, config).reshape(3, len(pixel_xy), -1).mean(-1).T
+        sample_coarse(fields.programs, points, config.pixel_size_um).reshape(3, len(pixel_xy), -1).mean(-1).T
     )  # (N, 3)
-    hidden = _sample_coarse(fields.hidden, points, config).reshape(len(pixel_xy), -1).mean(-1)  # (N,)
+    hidden = (
+        sample_coarse(fields.hidden, points, config.pixel_size_um).reshape(len(pixel_xy), -1).mean(-1)
+    )  # (N,)
     return programs, hidden
 
 
