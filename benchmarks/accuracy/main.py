@@ -1,0 +1,196 @@
+"""The fold loop of `benchmarks/her2st_accuracy.py` (see its docstring) and the result file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cmrcnet.atomic import write_json, write_text
+from cmrcnet.data.spots import load_spot_table, resize_uint8
+from cmrcnet.inference.bank import build_bank, load_bank, merge_banks
+from cmrcnet.inference.predict import predict_spots
+from cmrcnet.run.load import load_trained_model
+
+from . import methods as M
+from . import plan as P
+from . import report, runner, stats
+from .kchoice import K_GRID
+from _machine import git_commit, machine_info
+
+HERE = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--her2st", type=Path, default=HERE.parent.parent / "shared" / "data" / "her2st")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/cmrcnet_her2st_accuracy"))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--protocols", default="patient,within")
+    ap.add_argument("--variants", default=",".join(M.DEFAULT_VARIANTS))
+    ap.add_argument("--folds", help="only these folds (comma-separated names, e.g. patient-test-B)")
+    ap.add_argument("--merge", nargs="+", type=Path, help="combine result JSON files of earlier runs and exit")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--quick", action="store_true", help="1 fold (train C2, test B4), tiny model, 1 seed, 1 epoch")
+    ap.add_argument("--out", type=Path, help="results stem (default benchmarks/results/her2st_accuracy[_quick])")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stem = args.out or HERE / "results" / ("her2st_accuracy_quick" if args.quick else "her2st_accuracy")
+    if args.merge:
+        records = [json.loads(p.read_text()) for p in args.merge]
+        rec = {**records[-1], "runs": stats.merge_runs(records), "merged_from": [str(p) for p in args.merge],
+               "command": " && ".join(r["command"] for r in records) + " (merged)",
+               "wall_seconds_sum_of_parts": round(sum(r["wall_seconds"] for r in records), 1),
+               "encoders": {k: v for r in records for k, v in r["encoders"].items()},
+               "variants": {k: v for r in records for k, v in r["variants"].items()}}
+        rec["summary"] = stats.summarise(rec["runs"])
+        write_results(stem, rec)
+        return 0
+    if not (args.her2st / "counts").is_dir():
+        print(f"her2st data not found at {args.her2st}; nothing to do", file=sys.stderr)
+        return 2
+    t_start = time.time()
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    variants = ["cmrcnet-ssl+hc", "regression-ssl+hc"] if args.quick else args.variants.split(",")
+    work = args.work / ("quick" if args.quick else "full")
+    ds, cache = work / "ds", work / "feature_cache"
+    plan = P.folds(args.protocols.split(","), quick=args.quick)
+    if args.folds:
+        plan = [f for f in plan if f["name"] in args.folds.split(",")]
+    need = sorted({s for f in plan for s in [*f["train"], *f["tests"], *f["pretrain_slides"], *f["extra_bank"]]})
+    runner.prepare(args.her2st, ds, need, work)
+    rows: list[dict] = []
+    encoders: dict[str, dict] = {}
+    rec = {"benchmark": "her2st_accuracy", "quick": args.quick, "complete": False,
+           "command": " ".join(["python", "benchmarks/her2st_accuracy.py", *map(shlex.quote, sys.argv[1:])]),
+           "commit": git_commit(), "src_uncommitted_changes": runner.git_dirty(), "machine": machine_info(),
+           "seeds": seeds, "markers": M.MARKERS, "k_grid": list(K_GRID), "pretrain_recipe": M.PRETRAIN,
+           "variants": {v: {**M.VARIANTS[v].__dict__} for v in variants}, "folds": plan, "encoders": encoders}
+    for seed in seeds:  # seed-major: a run cut short still covers every fold
+        for fold in plan:
+            rows += run_fold(fold, seed, variants, args, work, ds, cache, encoders,
+                             baselines=not any(r["fold"] == fold["name"] and r["seed"] is None for r in rows))
+            rec.update(runs=rows, summary=stats.summarise(rows), wall_seconds=round(time.time() - t_start, 1))
+            write_results(stem, rec)
+    rec["complete"] = True
+    write_results(stem, rec)
+    print(Path(f"{stem}.md").read_text())
+    return 0
+
+
+def write_results(stem: Path, rec: dict) -> None:
+    write_json(Path(f"{stem}.json"), rec)
+    write_text(Path(f"{stem}.md"), report.markdown(rec))
+
+
+def _row(fold: dict, test: str, method: str, seed: int | None, metrics: dict, **extra) -> dict:
+    row = {"protocol": P.row_protocol(fold, test), "fold": fold["name"], "test": test, "method": method,
+           "seed": seed, **extra, **metrics}
+    print(json.dumps({k: v for k, v in row.items() if k in ("protocol", "test", "method", "seed", "k",
+                                                            "pcc_heg50", "pcc_markers", "spotwise_pcc")}),
+          flush=True)
+    return row
+
+
+def run_fold(fold: dict, seed: int, variants: list[str], args, work: Path, ds: Path, cache: Path,
+             encoders: dict, *, baselines: bool) -> list[dict]:
+    fold_dir = work / "runs" / fold["name"]
+    rows: list[dict] = []
+    refs: dict = {}  # test section -> a prediction of this fold (obs/var layout for the baselines)
+    train = None
+    for variant in variants:
+        v = M.VARIANTS[variant]
+        if (v.only_fold and v.only_fold != fold["name"]) or (v.only_seed is not None and v.only_seed != seed):
+            continue
+        enc = None
+        if v.encoder == "ssl":
+            enc = runner.ssl_encoder(work, ds, args.her2st, fold, args.quick)
+            encoders[fold["name"]] = json.loads((enc / "encoder.json").read_text())
+        elif v.encoder == "random":
+            enc = runner.random_encoder(work, "tiny" if args.quick else "cpu")
+        rdir = fold_dir / f"{variant}-seed{seed}"
+        t_train = runner.trained_run(rdir, variant, seed, fold, ds, enc, args.quick, cache)
+        trained = load_trained_model(rdir)
+        if train is None:
+            train = load_spot_table(runner.PreparedDataset(ds), fold["train"], list(trained.genes), img_size=224,
+                                    target_sum=trained.run_config.genes.target_sum, progress=False)
+        table = train if trained.model_config.img_size == 224 else _resized(train, trained.model_config.img_size)
+        banks = {"": None}
+        if v.method != "regression":
+            bank = load_bank(rdir, trained)
+            banks = {"": (bank, None)}
+            if fold["extra_bank"]:
+                extra = build_bank(trained, runner.PreparedDataset(ds), fold["extra_bank"],
+                                   allow_missing_genes=True, progress=False)
+                banks["+bank"] = (merge_banks(bank, extra), extra)
+        for suffix, pair in banks.items():
+            k, scores, how = (None, {}, "")
+            if pair is not None:
+                k, scores, how = runner.retrieval_k(trained, table, bank, pair[1])
+            for test in fold["tests"]:
+                pred = predict_spots(trained, None if pair is None else pair[0], ds, [test], None, k=k,
+                                     progress=False)
+                refs.setdefault(test, pred)
+                out = rdir / f"eval_{test}{suffix}"
+                rows.append(_row(fold, test, variant + suffix, seed, runner.evaluate_row(pred, ds, out), k=k,
+                                 k_scores=scores, k_choice=how, k_at_grid_top=k is not None and k >= max(scores),
+                                 train_seconds=round(t_train, 1),
+                                 bank_spots=None if pair is None else len(pair[0]),
+                                 bank_samples=None if pair is None else pair[0].samples))
+    if baselines and refs:
+        rows += baseline_rows(fold, train, refs, variants, seed, fold_dir, ds)
+    return rows
+
+
+def _resized(table, size: int):
+    from cmrcnet.data.spots import SpotTable
+
+    return SpotTable(resize_uint8(table.images.numpy(), size), table.expr, table.sample_ids, table.barcodes,
+                     table.coords)
+
+
+def baseline_rows(fold: dict, train, refs: dict, variants: list[str], seed: int, fold_dir: Path,
+                  ds: Path) -> list[dict]:
+    """mean, kNN on handcrafted features, and kNN + ridge on each frozen variant's features (training spots
+    only; deterministic given the frozen encoder, so one row per section with seed None)."""
+    rows = []
+    data = runner.PreparedDataset(ds)
+    tests = {t: load_spot_table(data, [t], None, img_size=224, target_sum=1e4, progress=False)
+             for t in fold["tests"]}
+    for t, table in tests.items():
+        assert table.keys() == list(refs[t].obs_names), "spot order differs from the reference prediction"
+    feats = {"handcrafted": (M.handcrafted(train), {t: M.handcrafted(x) for t, x in tests.items()})}
+    for name, source in M.FEATURE_SETS.items():
+        rdir = fold_dir / f"{source}-seed{seed}"
+        if source in variants and (rdir / "run.json").exists():
+            model = load_trained_model(rdir).model
+            feats[name] = (M.frozen_features(model, train.images),
+                           {t: M.frozen_features(model, x.images) for t, x in tests.items()})
+    for test, ref in refs.items():
+        preds = {"mean": (M.mean_prediction(train, ref.n_obs), {})}
+        for name, (f_train, f_test) in feats.items():
+            preds[f"knn-{name}"] = M.knn_prediction(f_train, f_test[test], train)
+            if name != "handcrafted":
+                preds[f"ridge-{name}"] = M.ridge_prediction(f_train, f_test[test], train)
+        for method, (x, info) in preds.items():
+            pred = runner.prediction_like(ref, np.asarray(x), method, info)
+            metrics = runner.evaluate_row(pred, ds, fold_dir / f"eval_{method}_{test}")
+            rows.append(_row(fold, test, method, None, metrics, k=info.get("k"), k_scores=info.get("k_scores", {}),
+                             k_choice=info.get("k_choice", ""),
+                             k_at_grid_top="k" in info and info["k"] >= max(info["k_scores"]),
+                             probe={k: v for k, v in info.items() if k not in ("k", "k_scores", "k_choice")},
+                             train_seconds=0.0))
+    return rows

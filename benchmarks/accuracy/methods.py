@@ -1,0 +1,110 @@
+"""What each benchmark method runs: trained variants (train_run with a fixed recipe) and same-feature baselines.
+
+Every method of a fold predicts the same genes (the fold's panel, chosen on its training sections) on the same
+test spots. Baselines read training spots only; their k (kNN) comes from `kchoice` on training spots only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cmrcnet.data.spots import SpotTable, resize_uint8
+from cmrcnet.models.handcrafted import patch_features
+from cmrcnet.models.preprocess import images_to_float
+
+from .kchoice import choose_k, euclidean_similarity, validation_groups
+
+MARKERS = ["ERBB2", "ESR1", "PGR", "KRT19", "GRB7"]
+FROZEN_EPOCHS = 20
+FROZEN_LR = 5e-4  # heads-only training: a larger step than the end-to-end 1e-4 (fixed in advance, not tuned)
+PRETRAIN = dict(n_tiles=2000, epochs=4)  # SimCLR per fold on the fold's training slides only
+
+
+@dataclass(frozen=True)
+class Variant:
+    method: str  # cmrcnet | bleep | regression
+    encoder: str  # "ssl" (SimCLR on the fold's training slides) | "random" (frozen random init) | "none"
+    frozen: bool
+    handcrafted: bool
+    epochs: int
+    preset: str = "cpu"
+    lr: float | None = None  # None: the preset's
+    only_fold: str | None = None  # run only in this fold (the paper recipe: C -> B4)
+    only_seed: int | None = None
+    note: str = ""
+
+
+VARIANTS: dict[str, Variant] = {
+    "cmrcnet-ssl+hc": Variant("cmrcnet", "ssl", True, True, FROZEN_EPOCHS, lr=FROZEN_LR),
+    "bleep-ssl+hc": Variant("bleep", "ssl", True, True, FROZEN_EPOCHS, lr=FROZEN_LR),
+    "regression-ssl+hc": Variant("regression", "ssl", True, True, FROZEN_EPOCHS, lr=FROZEN_LR),
+    "cmrcnet-rand+hc": Variant("cmrcnet", "random", True, True, FROZEN_EPOCHS, lr=FROZEN_LR),
+    "bleep-rand+hc": Variant("bleep", "random", True, True, FROZEN_EPOCHS, lr=FROZEN_LR),
+    "cmrcnet-scratch-cpu12": Variant("cmrcnet", "none", False, False, 12,
+                                     note="cpu ViT trained end to end for 12 epochs (NOT the paper's recipe)"),
+    "cmrcnet-paper60": Variant("cmrcnet", "none", False, False, 60, preset="paper", only_fold="patient-test-B",
+                               only_seed=0, note="the paper's recipe: paper ViT, 60 epochs, batch 64, lr 1e-4"),
+    "bleep-paper60": Variant("bleep", "none", False, False, 60, preset="paper", only_fold="patient-test-B",
+                             only_seed=0, note="the paper's recipe with the BLEEP objective"),
+}
+DEFAULT_VARIANTS = ("cmrcnet-ssl+hc", "bleep-ssl+hc", "regression-ssl+hc", "cmrcnet-rand+hc", "bleep-rand+hc",
+                    "cmrcnet-paper60", "bleep-paper60")
+# frozen feature sets that get a kNN and a ridge baseline: the encoder of these variants + handcrafted features
+FEATURE_SETS = {"ssl+hc": "cmrcnet-ssl+hc", "rand+hc": "cmrcnet-rand+hc"}
+
+
+@torch.no_grad()
+def frozen_features(model: torch.nn.Module, images: torch.Tensor, batch: int = 64) -> np.ndarray:
+    """(N, width + 27): the frozen encoder's mean-pooled tokens and the model's standardised handcrafted
+    features, exactly what the model's projection head reads (uint8 NHWC patches at the model's size)."""
+    model.eval()
+    size = model.config.img_size
+    if images.shape[1] != size:
+        images = resize_uint8(images.numpy(), size)
+    out = []
+    for i in range(0, len(images), batch):
+        x = images_to_float(images[i:i + batch], layout="nhwc")
+        pooled = model.encode_tokens(x).float().mean(dim=1)  # (b, width)
+        feats = model.image_features(x)
+        out.append(torch.cat([pooled, feats.float()], dim=1) if feats is not None else pooled)
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def handcrafted(table: SpotTable) -> np.ndarray:
+    return patch_features(table.images).numpy().astype(np.float64)
+
+
+def mean_prediction(train: SpotTable, n_test: int) -> np.ndarray:
+    return np.repeat(train.expr.numpy().mean(0, keepdims=True), n_test, axis=0)
+
+
+def knn_prediction(f_train: np.ndarray, f_test: np.ndarray, train: SpotTable) -> tuple[np.ndarray, dict]:
+    """kNN on z-scored features (Euclidean); k chosen on the training spots (kchoice)."""
+    expr = train.expr.numpy().astype(np.float64)
+    groups, how = validation_groups(np.array(train.sample_ids), train.coords)
+    k, scores = choose_k(euclidean_similarity(f_train), expr, groups)
+    mu, sd = f_train.mean(0), f_train.std(0).clip(1e-6)
+    a, b = (f_test - mu) / sd, (f_train - mu) / sd
+    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T  # (Q, N)
+    idx = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    return expr[idx].mean(axis=1), {"k": k, "k_scores": scores, "k_choice": how}
+
+
+def ridge_prediction(f_train: np.ndarray, f_test: np.ndarray, train: SpotTable) -> tuple[np.ndarray, dict]:
+    """HEST-Benchmark's probe: StandardScaler, PCA to 256 components (fewer when there are fewer spots or
+    features), Ridge with alpha = 100 / (n_components * n_genes) (HEST `train_test_reg`). We fit an intercept
+    (HEST does not); PCC is unaffected by a constant shift, MSE is then meaningful."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    y = train.expr.numpy().astype(np.float64)
+    n_comp = int(min(256, f_train.shape[0] - 1, f_train.shape[1]))
+    alpha = 100.0 / (n_comp * y.shape[1])
+    probe = make_pipeline(StandardScaler(), PCA(n_components=n_comp, random_state=0), Ridge(alpha=alpha))
+    probe.fit(f_train, y)
+    return probe.predict(f_test), {"pca_components": n_comp, "alpha": alpha}

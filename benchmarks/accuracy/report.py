@@ -1,0 +1,118 @@
+"""Markdown for the her2st accuracy results (the same numbers as the JSON's summary)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .plan import PROTOCOL_TITLES
+from .stats import is_baseline
+
+ORDER = ("patient", "patient-degraded", "within")
+COLUMNS = (("pcc_heg50", "HEG-50 PCC"), ("pcc_hvg50", "HVG-50 PCC"), ("pcc_markers", "markers PCC"),
+           ("spotwise_pcc", "spot-wise PCC"), ("n_constant", "genes constant in pred."),
+           ("pcc_heg50_excl_constant", "HEG-50, constant excluded"))
+
+
+def _cell(s: dict, digits: int = 3) -> str:
+    if s.get("mean") is None:
+        return "n/a"
+    return f"{s['mean']:.{digits}f}" + (f" ± {s['std']:.{digits}f}" if s.get("std") is not None else "")
+
+
+def _ci(c: dict) -> str:
+    lo, hi = c["heg50_ci95"]
+    mark = " **>0**" if lo > 0 else (" <0" if hi < 0 else "")
+    return f"{c['heg50_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] {c['sign_count']}{mark}"
+
+
+def _header(rec: dict) -> list[str]:
+    m = rec["machine"]
+    status = "" if rec.get("complete") else " (PARTIAL: not every fold and seed had finished)"
+    return [
+        f"# her2st accuracy{' (QUICK smoke run: tiny model, 1 epoch; not a result)' if rec['quick'] else ''}"
+        + status, "",
+        f"Command: `{rec['command']}`  ",
+        f"Commit {rec['commit']}{' (src/ had uncommitted changes)' if rec.get('src_uncommitted_changes') else ''}; "
+        f"{m.get('cpu_line', m['cpu'])}; torch {m['torch']}, {m.get('torch_threads')} threads; precision auto -> "
+        f"{m.get('precision_auto')}; load at start {m.get('load_average_at_start')}; wall time "
+        f"{rec.get('wall_seconds', 0) / 60:.1f} min.", "",
+        "How to read: one row per (test section, method, seed) is evaluated with the strict protocol (HEG-50 = "
+        "the 50 genes of highest mean log1p expression over the fold's TRAINING spots, HVG-50 by Seurat-v1 "
+        "dispersion on the same spots, both from a panel of top-250 HVG + top-100 highly expressed genes + "
+        f"markers chosen on the training sections; markers {', '.join(rec['markers'])} where the training "
+        "sections measure them). Seeds are averaged within each section first; tables give mean ± sd over "
+        "sections. A gene constant in a prediction scores PCC 0 (the last column excludes it instead). "
+        f"Retrieval/kNN k is chosen from {rec['k_grid']} by leave-one-training-section-out validation (two "
+        "spatial halves when the fold has one training section). Paired differences: HEG-50 PCC of the row's "
+        "method minus the column's baseline, mean over sections, bootstrap 95 % CI resampling sections and "
+        "genes, and the number of sections where the method is ahead; **>0** marks a CI above 0.", "",
+    ]
+
+
+def _table(table: dict) -> list[str]:
+    lines = ["| method | sections | seeds per section | " + " | ".join(t for _, t in COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(COLUMNS)]
+    order = sorted(table, key=lambda m: -(table[m]["pcc_heg50"]["mean"] or -9))
+    for m in order:
+        e = table[m]
+        seeds = sorted({len(v) for v in e["seeds_per_section"].values()})
+        cells = [_cell(e[key], 1 if key == "n_constant" else 3) for key, _ in COLUMNS]
+        lines.append(f"| {m} | {len(e['tests'])} | {'/'.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _paired(table: dict) -> list[str]:
+    bases = sorted({b for e in table.values() for b in e["vs"]})
+    if not bases:
+        return []
+    lines = ["", "Paired HEG-50 PCC differences (method minus baseline): mean [95 % CI] sections ahead", "",
+             "| method | " + " | ".join(bases) + " |", "|---|" + "---|" * len(bases)]
+    order = sorted(table, key=lambda m: (is_baseline(m), -(table[m]["pcc_heg50"]["mean"] or -9)))
+    for m in order:
+        vs = table[m]["vs"]
+        lines.append(f"| {m} | " + " | ".join(_ci(vs[b]) if b in vs else "" for b in bases) + " |")
+    return lines
+
+
+def _per_section(table: dict) -> list[str]:
+    tests = sorted({t for e in table.values() for t in e["tests"]})
+    lines = ["", "HEG-50 PCC per test section (mean over seeds):", "",
+             "| method | " + " | ".join(tests) + " |", "|---|" + "---|" * len(tests)]
+    for m in sorted(table, key=lambda m: -(table[m]["pcc_heg50"]["mean"] or -9)):
+        per = table[m]["pcc_heg50"]["per_section"]
+        lines.append(f"| {m} | " + " | ".join(f"{per[t]:.3f}" if t in per else "" for t in tests) + " |")
+    return lines
+
+
+def _k_lines(runs: list[dict], protocol: str) -> list[str]:
+    ks = [(r["method"], r["k"], r.get("k_at_grid_top")) for r in runs if r["protocol"] == protocol and r.get("k")]
+    if not ks:
+        return []
+    count = Counter(k for _, k, _ in ks)
+    top = sum(1 for _, _, t in ks if t)
+    return ["", f"k chosen ({len(ks)} choices): " + ", ".join(f"k={k}: {n}" for k, n in sorted(count.items()))
+            + f"; at the top of the grid (or the bank size): {top}."]
+
+
+def markdown(rec: dict) -> str:
+    lines = _header(rec)
+    summary = rec.get("summary", {})
+    for protocol in [p for p in ORDER if p in summary] + [p for p in summary if p not in ORDER]:
+        table = summary[protocol]
+        lines += [f"## {PROTOCOL_TITLES.get(protocol, protocol)}", ""]
+        lines += _table(table) + _paired(table) + _per_section(table) + _k_lines(rec.get("runs", []), protocol)
+        lines.append("")
+    lines += ["## Variants", ""]
+    for name, v in rec.get("variants", {}).items():
+        lines.append(f"- `{name}`: {v}")
+    lines += ["", "Baselines: `mean` (training mean per gene), `knn-handcrafted` (27 colour/texture statistics), "
+              "`knn-<features>` and `ridge-<features>` on the SAME frozen features as the variant of that name "
+              "(mean-pooled encoder tokens + the model's standardised handcrafted features); ridge follows "
+              "HEST-Benchmark (StandardScaler, PCA 256, Ridge alpha = 100 / (components x genes)), with an "
+              "intercept. `+bank`: the same model retrieving also from the expression-only sections of other "
+              "patients (never the test patient).", "", "## Pretrained encoders (SimCLR, `cmrcnet pretrain`)", ""]
+    for name, info in rec.get("encoders", {}).items():
+        p = info.get("pretraining", {})
+        slides = [s["path"].rsplit("/", 1)[-1] for s in p.get("slides", [])]
+        lines.append(f"- {name}: slides {slides}, {p.get('n_tiles')} tiles, {p.get('wall_seconds')} s")
+    return "\n".join(lines) + "\n"

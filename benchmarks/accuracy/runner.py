@@ -1,0 +1,215 @@
+"""Run the folds: prepare, pretrain, train, choose k, predict, evaluate; one row per (section, method, seed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from cmrcnet.atomic import write_json
+from cmrcnet.data.dataset import PreparedDataset
+from cmrcnet.data.spots import SpotTable
+from cmrcnet.evaluation.evaluate import evaluate_predictions
+from cmrcnet.inference.bank import Bank
+from cmrcnet.inference.predict import embed_patches
+from cmrcnet.run.config import load_run_config
+from cmrcnet.run.load import TrainedModel
+from cmrcnet.workflows.train import train_run
+
+from . import methods as M
+from .kchoice import choose_k, cosine_similarity, validation_groups
+from .plan import DEGRADED
+
+
+# ---------------------------------------------------------------------- data
+def prepare(her2st: Path, ds: Path, samples: list[str], work: Path) -> None:
+    from cmrcnet.cli import main
+
+    for sid in samples:
+        if (ds / "metadata" / f"{sid}.json").exists():
+            continue
+        if sid == DEGRADED:
+            args = degraded_copy(her2st, work, ds)
+        else:
+            args = ["--input", str(her2st)]
+        rc = main(["prepare", "--quiet", "--format", "st", *args, "--sample-id", sid, "--patient", sid[0],
+                   "--out", str(ds)])
+        if rc != 0:
+            raise SystemExit(f"prepare {sid} failed")
+
+
+def degraded_copy(her2st: Path, work: Path, ds: Path, target_um: float = 3.4) -> list[str]:
+    """B4 as a slide from another scanner: about 3.4 um/px, other stain balance, black background, JPEG q70.
+
+    Written under WORK (never the repository). Returns `cmrcnet prepare` arguments for it."""
+    from PIL import Image
+    from scipy import ndimage
+
+    from cmrcnet.data.tissue import detect_tissue
+
+    Image.MAX_IMAGE_PIXELS = None
+    out = work / "degraded"
+    out.mkdir(parents=True, exist_ok=True)
+    spots = pd.read_csv(her2st / "spots" / "B4_selection.tsv", sep="\t")
+    prepare(her2st, ds, ["B4"], work)  # its pixel size, estimated from the spot grid
+    px = float(PreparedDataset(ds).metadata("B4")["pixel_size_um"])
+    factor = target_um / px
+    img = Image.open(her2st / "images" / "B4.jpg").convert("RGB")
+    small = img.resize((round(img.width / factor), round(img.height / factor)), Image.Resampling.LANCZOS)
+    arr = np.asarray(small)
+    # background: outside the tissue outline (the project's own tissue detection, closed over ~170 um and
+    # hole-filled); pale areas inside the tissue (fat, lumina) stay as they are
+    tissue = ndimage.binary_closing(detect_tissue(arr, 1.0, target_um).mask, iterations=25)
+    background = ~ndimage.binary_fill_holes(tissue)
+    rgb = arr.astype(np.float64) / 255.0
+    od = -np.log(np.clip(rgb, 1 / 255, 1.0))  # optical density
+    od = od * np.array([1.30, 0.80, 1.15])  # another stain balance (haematoxylin/eosin uptake, scanner)
+    rgb = np.exp(-od) ** 0.9
+    rgb[background] = 0.02  # black background, as some scanners and exports give
+    Image.fromarray((rgb * 255).round().astype(np.uint8)).save(out / "B4deg.jpg", quality=70)
+    spots["pixel_x"] = spots["pixel_x"] / factor
+    spots["pixel_y"] = spots["pixel_y"] / factor
+    spots.to_csv(out / "B4deg_selection.tsv", sep="\t", index=False)
+    return ["--counts", str(her2st / "counts" / "B4.tsv.gz"), "--spots", str(out / "B4deg_selection.tsv"),
+            "--image", str(out / "B4deg.jpg"), "--pixel-size", f"{target_um}"]
+
+
+# ---------------------------------------------------------------------- encoders
+def ssl_encoder(work: Path, ds: Path, her2st: Path, fold: dict, quick: bool) -> Path:
+    from cmrcnet.training.pretrain import PretrainConfig, SlideSource, pretrain_encoder
+
+    out = work / "encoders" / fold["name"]
+    if (out / "encoder.json").exists():
+        return out
+    data = PreparedDataset(ds)
+    sources = [SlideSource(her2st / "images" / f"{s}.jpg", float(data.metadata(s)["pixel_size_um"]))
+               for s in fold["pretrain_slides"]]
+    recipe = dict(n_tiles=128, epochs=1) if quick else M.PRETRAIN
+    cfg = PretrainConfig(encoder="tiny" if quick else "cpu", **recipe)
+    pretrain_encoder(sources, out, cfg, progress=False,
+                     command=f"her2st_accuracy pretrain {fold['pretrain_slides']} {recipe}")
+    return out
+
+
+def random_encoder(work: Path, preset: str) -> Path:
+    """A 'pretrained' folder holding a randomly initialised encoder (seed 0)."""
+    from safetensors.torch import save_file
+
+    from cmrcnet.models.config import ModelConfig
+    from cmrcnet.models.encoders import build_image_encoder
+    from cmrcnet.training.pretrain import ARCH_FIELDS, ENCODER_FORMAT
+
+    out = work / "encoders" / f"random-{preset}"
+    if (out / "encoder.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    mcfg = ModelConfig.from_preset(preset, n_genes=1)
+    enc = build_image_encoder(mcfg)
+    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(out / "encoder.safetensors"))
+    write_json(out / "encoder.json", {
+        "format": ENCODER_FORMAT, "encoder_preset": preset, "model": {k: getattr(mcfg, k) for k in ARCH_FIELDS},
+        "fov_um": 112.0, "pretraining": {"objective": "none (random initialisation, seed 0)", "transductive": False},
+    })
+    return out
+
+
+# ---------------------------------------------------------------------- training
+def run_config(variant: str, seed: int, quick: bool, encoder_dir: Path | None, cache: Path):
+    v = M.VARIANTS[variant]
+    cfg = load_run_config("tiny" if quick else v.preset)
+    cfg.method = v.method
+    cfg.train.seed = seed
+    cfg.train.epochs = 1 if quick else v.epochs
+    if v.lr is not None:
+        cfg.train.lr = v.lr
+    cfg.genes.include = list(M.MARKERS)
+    if quick:
+        cfg.train.batch_size = 16
+    if encoder_dir is not None:
+        from cmrcnet.training.pretrain import configure_encoder
+
+        configure_encoder(cfg, str(encoder_dir))
+    cfg.model["freeze_encoder"] = v.frozen
+    cfg.model["handcrafted_features"] = v.handcrafted
+    cfg.train.feature_cache = str(cache)
+    cfg.validate()
+    return cfg
+
+
+def trained_run(rdir: Path, variant: str, seed: int, fold: dict, ds: Path, enc: Path | None, quick: bool,
+                cache: Path) -> float:
+    """Train (unless a complete run is there); returns the training seconds (sum of the epochs' times)."""
+    info = rdir / "run.json"
+    if not info.exists() or json.loads(info.read_text()).get("status") != "complete":
+        shutil.rmtree(rdir, ignore_errors=True)
+        train_run(data_dir=ds, train_samples=fold["train"], out_dir=rdir,
+                  config=run_config(variant, seed, quick, enc, cache), progress=False,
+                  command=f"her2st_accuracy {variant} seed {seed}")
+    return sum(float(line.split(",")[2]) for line in (rdir / "metrics.csv").read_text().splitlines()[1:])
+
+
+# ---------------------------------------------------------------------- retrieval with k chosen on training
+def _embeddings_by_key(bank: Bank) -> dict[str, np.ndarray]:
+    return dict(zip(bank.keys, bank.embeddings.numpy(), strict=True))
+
+
+def retrieval_k(trained: TrainedModel, train: SpotTable, bank: Bank, extra: Bank | None) -> tuple[int, dict, str]:
+    """k by leave-one-training-section-out over the training spots (extra bank spots always retrievable)."""
+    img = embed_patches(trained, train.images, precision="auto").numpy()
+    by_key = _embeddings_by_key(bank)
+    expr_emb = np.stack([by_key[k] for k in train.keys()])  # training spots, in table order
+    n_extra = 0 if extra is None else len(extra)
+    bank_emb = expr_emb if extra is None else np.concatenate([expr_emb, extra.embeddings.numpy()])
+    groups, how = validation_groups(np.array(train.sample_ids), train.coords)
+    k, scores = choose_k(cosine_similarity(img, bank_emb), train.expr.numpy().astype(np.float64), groups,
+                         n_extra=n_extra, extra_expr=None if extra is None else extra.expression.numpy())
+    return k, scores, how
+
+
+# ---------------------------------------------------------------------- evaluation rows
+def evaluate_row(pred: ad.AnnData, ds: Path, out: Path) -> dict:
+    m = evaluate_predictions(pred, ds, out, markers=M.MARKERS, protocol="strict", n_top=50, plots=False)
+    (sid,) = m["test_samples"]
+    per = m["per_sample"][sid]
+    row = {}
+    for name in ("heg50", "hvg50", "markers", "all"):
+        s = per["gene_sets"][name]
+        row[f"pcc_{name}"] = s["mean_pcc"]
+        row[f"pcc_{name}_excl_constant"] = s["mean_pcc_excl_constant"]
+        row[f"n_{name}_scored_zero"] = s["n_constant_pred_scored_zero"]
+    for key in ("mse", "mae", "spotwise_pcc", "gene_gene_corr"):
+        row[key] = per[key]
+    row["n_constant"] = per["n_constant_pred"]
+    row["n_excluded_true"] = per["n_constant_true"]
+    genes = pd.read_csv(out / "genes.csv")
+    heg = genes[genes["in_heg50"]]
+    row["heg50_genes"] = heg["gene"].tolist()
+    row["heg50_pcc"] = [None if ct else (0.0 if math.isnan(r) else float(r))
+                        for r, ct in zip(heg["pcc"], heg["constant_true"], strict=True)]
+    row["leakage"] = m["leakage"]
+    return row
+
+
+def prediction_like(ref: ad.AnnData, x: np.ndarray, method: str, extra: dict) -> ad.AnnData:
+    a = ad.AnnData(x.astype(np.float32), obs=ref.obs.copy(), var=ref.var.copy(), obsm=dict(ref.obsm))
+    info = dict(ref.uns["cmrcnet"])
+    info.update(method=method, run_dir="", checkpoint="", weights="", **{k: v for k, v in extra.items()
+                                                                          if k in ("k",)})
+    a.uns["cmrcnet"] = info
+    return a
+
+
+def git_dirty() -> bool:
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True)
+        return bool(out.stdout.strip())
+    except OSError:
+        return False

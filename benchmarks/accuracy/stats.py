@@ -1,0 +1,127 @@
+"""Aggregation of the accuracy rows: seeds first, then sections; paired differences with a bootstrap CI.
+
+A row is one (protocol, test section, method, seed) evaluation. It holds the headline metrics
+(`pcc_heg50`, `pcc_hvg50`, `pcc_markers`, `pcc_all`, their `_excl_constant` variants, `spotwise_pcc`,
+`n_constant`, ...) and `heg50_genes` / `heg50_pcc`: the per-gene headline PCC of the HEG-50 set (the same genes
+for every method of a fold; genes constant in the measured data are None, genes constant in the prediction 0).
+
+Aggregation (EVALUATION.md, issue 13):
+1. within each test section, the mean over the seeds run (a deterministic baseline has one row);
+2. over sections: mean ± sample sd (ddof=1) of the section means, so every section weighs the same whatever its
+   number of seeds.
+
+Paired comparison of a method against a baseline on HEG-50: per section, d_s = mean over genes of
+(PCC_method(g) - PCC_baseline(g)), PCC averaged over seeds first. The point estimate is the mean of d_s over
+sections; the 95 % CI is the 2.5/97.5 percentile of a bootstrap that resamples sections with replacement and,
+within each drawn section, its genes with replacement (the same genes for both methods: paired). The sign count
+is the number of sections with d_s > 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+METRICS = ("pcc_heg50", "pcc_hvg50", "pcc_markers", "pcc_all", "pcc_heg50_excl_constant",
+           "pcc_hvg50_excl_constant", "pcc_markers_excl_constant", "spotwise_pcc", "mse", "mae",
+           "gene_gene_corr", "n_constant", "n_excluded_true")
+BASELINE_PREFIXES = ("knn", "ridge", "mean", "bleep", "regression")
+N_BOOT = 2000
+
+
+def is_baseline(method: str) -> bool:
+    return method.startswith(BASELINE_PREFIXES)
+
+
+def _finite(values: Iterable) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def section_means(rows: Sequence[dict], key: str) -> dict[str, float]:
+    """{test section: mean over that section's seeds of rows[key]} (sections with no finite value left out)."""
+    by_section: dict[str, list[float]] = {}
+    for r in rows:
+        by_section.setdefault(r["test"], []).extend(_finite([r.get(key)]))
+    return {s: float(np.mean(v)) for s, v in by_section.items() if v}
+
+
+def mean_sd(values: Sequence[float]) -> dict:
+    vals = _finite(values)
+    return {"mean": float(np.mean(vals)) if vals else None,
+            "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None, "n_sections": len(vals)}
+
+
+def gene_pcc_by_section(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """{section: {gene: HEG-50 headline PCC averaged over seeds}}; genes constant in the data left out."""
+    acc: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        genes, pcc = r.get("heg50_genes") or [], r.get("heg50_pcc") or []
+        for g, v in zip(genes, pcc, strict=True):
+            if v is not None and math.isfinite(float(v)):
+                acc.setdefault(r["test"], {}).setdefault(g, []).append(float(v))
+    return {s: {g: float(np.mean(v)) for g, v in genes.items()} for s, genes in acc.items()}
+
+
+def paired_difference(method_rows: Sequence[dict], base_rows: Sequence[dict], *, n_boot: int = N_BOOT,
+                      seed: int = 0) -> dict | None:
+    """HEG-50 PCC of method minus baseline, paired by section and gene; None without a common section."""
+    a, b = gene_pcc_by_section(method_rows), gene_pcc_by_section(base_rows)
+    diffs: list[np.ndarray] = []
+    sections = sorted(set(a) & set(b))
+    for s in sections:
+        genes = sorted(set(a[s]) & set(b[s]))
+        diffs.append(np.array([a[s][g] - b[s][g] for g in genes], dtype=np.float64))
+    keep = [i for i, d in enumerate(diffs) if d.size]
+    sections, diffs = [sections[i] for i in keep], [diffs[i] for i in keep]
+    if not diffs:
+        return None
+    per_section = np.array([d.mean() for d in diffs])
+    rng = np.random.default_rng(seed)
+    boots = np.empty(n_boot)
+    for i in range(n_boot):
+        drawn = rng.integers(0, len(diffs), size=len(diffs))
+        boots[i] = np.mean([diffs[j][rng.integers(0, diffs[j].size, size=diffs[j].size)].mean() for j in drawn])
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"heg50_diff": float(per_section.mean()), "heg50_ci95": [float(lo), float(hi)],
+            "sign_count": f"{int((per_section > 0).sum())}/{len(per_section)}",
+            "per_section": {s: float(d) for s, d in zip(sections, per_section, strict=True)},
+            "n_boot": n_boot}
+
+
+def summarise(rows: Sequence[dict], *, n_boot: int = N_BOOT) -> dict:
+    """{protocol: {method: {metric: {mean, std, n_sections}, seeds, tests, per_section, vs: {baseline: ...}}}}."""
+    by: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        by.setdefault(r["protocol"], {}).setdefault(r["method"], []).append(r)
+    out: dict = {}
+    for protocol, methods in by.items():
+        table: dict = {}
+        for method, mrows in methods.items():
+            entry: dict = {"tests": sorted({r["test"] for r in mrows}),
+                           "seeds_per_section": {s: sorted({r["seed"] for r in mrows if r["test"] == s},
+                                                           key=str) for s in sorted({r["test"] for r in mrows})},
+                           "n_runs": len(mrows)}
+            for key in METRICS:
+                per = section_means(mrows, key)
+                entry[key] = {**mean_sd(list(per.values())), "per_section": per}
+            table[method] = entry
+        for method, entry in table.items():
+            entry["vs"] = {}
+            for base in sorted(m for m in methods if m != method and is_baseline(m)):
+                cmp = paired_difference(methods[method], methods[base], n_boot=n_boot)
+                if cmp is not None:
+                    entry["vs"][base] = cmp
+        out[protocol] = table
+    return out
+
+
+def merge_runs(records: Sequence[dict]) -> list[dict]:
+    """The runs of several result records; a (protocol, test, method, seed) present in several counts once
+    (the later record wins)."""
+    unique: dict[tuple, dict] = {}
+    for rec in records:
+        for r in rec["runs"]:
+            unique[(r["protocol"], r["test"], r["method"], r["seed"])] = r
+    return list(unique.values())

@@ -1,0 +1,148 @@
+"""The her2st accuracy benchmark's own logic on a few synthetic rows: aggregation, merging, paired CIs, k choice,
+and the rule that no test patient reaches training, pretraining, the bank, the baselines or the k choice."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from cmrcnet.data.spots import SpotTable
+
+from accuracy import kchoice, methods, plan, report, stats
+
+
+def _row(test: str, method: str, seed, heg: float, genes=None, pcc=None, protocol: str = "patient") -> dict:
+    return {"protocol": protocol, "test": test, "method": method, "seed": seed, "pcc_heg50": heg,
+            "heg50_genes": genes or [], "heg50_pcc": pcc or []}
+
+
+# ---------------------------------------------------------------------- aggregation
+def test_seeds_are_averaged_within_each_section_before_sections() -> None:
+    rows = [_row("C2", "cmrcnet-x", 0, 0.30), _row("C2", "cmrcnet-x", 1, 0.10),  # C2: mean 0.20 (2 seeds)
+            _row("C3", "cmrcnet-x", 0, 0.40)]  # C3: 0.40 (1 seed)
+    s = stats.summarise(rows)["patient"]["cmrcnet-x"]["pcc_heg50"]
+    assert s["mean"] == pytest.approx(0.30)  # (0.20 + 0.40) / 2, not (0.3 + 0.1 + 0.4) / 3
+    assert s["std"] == pytest.approx(np.std([0.20, 0.40], ddof=1))
+    assert s["n_sections"] == 2 and s["per_section"] == pytest.approx({"C2": 0.20, "C3": 0.40})
+
+
+def test_merge_counts_a_run_once_and_keeps_the_later_record() -> None:
+    a = {"runs": [_row("B4", "knn-handcrafted", None, 0.1), _row("B4", "cmrcnet-x", 0, 0.2)]}
+    b = {"runs": [_row("B4", "cmrcnet-x", 0, 0.25), _row("B4", "cmrcnet-x", 1, 0.3)]}
+    runs = stats.merge_runs([a, b])
+    assert len(runs) == 3
+    assert {(r["method"], r["seed"]): r["pcc_heg50"] for r in runs}[("cmrcnet-x", 0)] == 0.25
+
+
+def test_paired_difference_is_paired_by_gene_and_section() -> None:
+    genes = [f"g{i}" for i in range(50)]
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in ("C2", "C3", "C4", "B4"):
+        base = rng.uniform(0, 0.4, size=50)
+        rows.append(_row(s, "knn-handcrafted", None, base.mean(), genes, base.tolist()))
+        for seed in (0, 1, 2):  # always 0.05 ahead on every gene, whatever the gene's level
+            better = base + 0.05 + rng.normal(0, 0.01, size=50)
+            rows.append(_row(s, "cmrcnet-x", seed, better.mean(), genes, better.tolist()))
+    cmp = stats.summarise(rows, n_boot=400)["patient"]["cmrcnet-x"]["vs"]["knn-handcrafted"]
+    assert cmp["heg50_diff"] == pytest.approx(0.05, abs=0.01)
+    lo, hi = cmp["heg50_ci95"]
+    assert 0 < lo < 0.05 < hi  # paired: the between-gene spread (0 to 0.4) does not widen the CI
+    assert cmp["sign_count"] == "4/4"
+    # a baseline is compared with the other baselines too, never with itself
+    assert "knn-handcrafted" not in stats.summarise(rows, n_boot=10)["patient"]["knn-handcrafted"]["vs"]
+
+
+def test_genes_constant_in_the_data_are_left_out_of_the_pairs() -> None:
+    rows = [_row("B4", "cmrcnet-x", 0, 0.5, ["a", "b"], [0.5, None]),
+            _row("B4", "mean", None, 0.0, ["a", "b"], [0.0, None])]
+    cmp = stats.paired_difference(rows[:1], rows[1:], n_boot=50)
+    assert cmp["heg50_diff"] == pytest.approx(0.5) and cmp["heg50_ci95"] == pytest.approx([0.5, 0.5])
+
+
+def test_report_puts_the_patient_table_first_and_labels_within_patient() -> None:
+    rows = [_row("C2", "cmrcnet-x", 0, 0.3, protocol="within"), _row("B4", "cmrcnet-x", 0, 0.2)]
+    rec = {"quick": False, "complete": True, "command": "x", "commit": "abc", "machine": {"cpu": "cpu", "torch": "t"},
+           "wall_seconds": 1.0, "markers": ["ERBB2"], "k_grid": [5], "runs": rows,
+           "summary": stats.summarise(rows)}
+    md = report.markdown(rec)
+    assert md.index("Held-out patient") < md.index("within-patient (same patient in training)")
+
+
+# ---------------------------------------------------------------------- k choice
+def test_k_choice_prefers_few_neighbours_when_neighbours_are_exact() -> None:
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(300, 4))
+    expr = np.concatenate([feats, feats ** 2], axis=1)  # expression is a function of the features
+    groups = np.repeat(["s1", "s2", "s3"], 100)
+    k, scores = kchoice.choose_k(kchoice.euclidean_similarity(feats), expr, groups, heg=np.arange(8))
+    assert k <= 10 and scores[k] > scores[50] > scores[200]
+    assert max(scores) == 200  # 400 clamped to the largest bank (two groups of 100)
+
+
+def test_k_choice_ties_go_to_the_smaller_k() -> None:
+    expr = np.random.default_rng(0).normal(size=(60, 3))
+    sim = lambda q, b: np.zeros((len(q), len(b)))  # noqa: E731  every bank spot equally close
+    k, _ = kchoice.choose_k(sim, expr, np.repeat(["a", "b"], 30), grid=(10, 20), heg=np.arange(3))
+    assert k == 10
+
+
+def test_a_single_training_section_is_validated_on_spatial_halves() -> None:
+    coords = np.array([[0, 0], [1, 0], [2, 0], [3, 0]], dtype=float)
+    groups, how = kchoice.validation_groups(np.array(["B4"] * 4), coords)
+    assert "halves" in how and list(groups) == ["left", "left", "right", "right"]
+    groups, how = kchoice.validation_groups(np.array(["C2", "C3", "C2", "C3"]), coords)
+    assert how == "leave-one-training-section-out" and list(groups) == ["C2", "C3", "C2", "C3"]
+
+
+def _table(n: int, seed: int, sections: list[str]) -> SpotTable:
+    rng = np.random.default_rng(seed)
+    return SpotTable(torch.zeros((n, 1, 1, 3), dtype=torch.uint8),
+                     torch.from_numpy(rng.normal(size=(n, 6)).astype(np.float32)),
+                     [sections[i % len(sections)] for i in range(n)], [str(i) for i in range(n)],
+                     rng.normal(size=(n, 2)))
+
+
+def test_baselines_and_their_k_read_training_spots_only() -> None:
+    """kNN's k and ridge's fit depend on the training spots alone: changing the test spots changes only the
+    test rows' predictions, never k or the fitted probe."""
+    pytest.importorskip("sklearn")
+    train = _table(120, 0, ["C2", "C3", "C4"])
+    f_train = np.random.default_rng(2).normal(size=(120, 8))
+    f_test_a, f_test_b = np.random.default_rng(3).normal(size=(2, 10, 8))
+    _, info_a = methods.knn_prediction(f_train, f_test_a, train)
+    _, info_b = methods.knn_prediction(f_train, f_test_b, train)
+    assert info_a["k"] == info_b["k"] and info_a["k_scores"] == info_b["k_scores"]
+    pred_a, probe = methods.ridge_prediction(f_train, np.concatenate([f_test_a, f_test_b]), train)
+    pred_b, _ = methods.ridge_prediction(f_train, f_test_a, train)
+    np.testing.assert_allclose(pred_a[:10], pred_b, atol=1e-8)  # a test row does not move another's prediction
+    assert probe["pca_components"] == 8
+
+
+# ---------------------------------------------------------------------- no test patient in a fold
+def test_patient_folds_keep_the_test_patient_out_of_everything() -> None:
+    folds = plan.folds(["patient", "within"])
+    patient_folds = [f for f in folds if f["protocol"] == "patient"]
+    assert {tuple(f["tests"]) for f in patient_folds} == {("B4", plan.DEGRADED), plan.C_IMAGED}
+    for f in patient_folds:
+        test_patients = {plan.patient_of(t) for t in f["tests"]}
+        for role in ("train", "pretrain_slides", "extra_bank"):
+            assert not {plan.patient_of(s) for s in f[role]} & test_patients, (f["name"], role)
+    within = [f for f in folds if f["protocol"] == "within"]
+    assert len(within) == 5 and all(f["tests"][0] not in f["train"] for f in within)
+    assert plan.row_protocol(patient_folds[0], plan.DEGRADED) == "patient-degraded"
+
+
+def test_a_leaky_fold_is_refused() -> None:
+    leaky = {"protocol": "patient", "name": "x", "tests": ["B4"], "train": ["C2"], "pretrain_slides": ["C2"],
+             "extra_bank": ["B1"]}
+    with pytest.raises(ValueError, match="test patient in extra_bank"):
+        plan.check_no_leak(leaky)
+    with pytest.raises(ValueError, match="test sections"):
+        plan.check_no_leak({**leaky, "protocol": "within", "extra_bank": [], "train": ["B4"]})
