@@ -255,7 +255,7 @@ def train(
     result = train_run(
         data_dir=data,
         train_samples=list(train_samples),
-        out_dir=out,
+        run_dir=out,
         config=cfg,
         device=device,
         resume=resume,

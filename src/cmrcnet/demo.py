@@ -64,7 +64,7 @@ def run_demo(
     result = train_run(
         data_dir=dataset,
         train_samples=train_ids,
-        out_dir=run_dir,
+        run_dir=run_dir,
         config=run_cfg,
         progress=progress,
         resume=(run_dir / "config.yaml").exists(),

@@ -168,7 +168,7 @@ def test_resume_redoes_only_unfinished_folds(
     real_train_run = cv_mod.train_run
 
     def spy(**kwargs):
-        calls.append((str(Path(kwargs["out_dir"]).relative_to(out)), kwargs["resume"]))
+        calls.append((str(Path(kwargs["run_dir"]).relative_to(out)), kwargs["resume"]))
         return real_train_run(**kwargs)
 
     monkeypatch.setattr(cv_mod, "train_run", spy)

@@ -19,9 +19,9 @@ def _add_prepare(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
         description="Read one sample, cut fixed field-of-view patches around its spots and write it into "
         "DATASET_DIR (HEST-compatible layout: patches/<id>.h5, st/<id>.h5ad, metadata/<id>.json).",
     )
-    p.add_argument(
-        "--format", required=True, choices=["st", "visium", "hest", "anndata"], help="input format"
-    )
+    from cmrcnet.data.readers import FORMATS
+
+    p.add_argument("--format", required=True, choices=FORMATS, help="input format")
     p.add_argument(
         "--input",
         type=Path,

@@ -10,6 +10,23 @@ from cmrcnet.cli._common import PRECISION_HELP, _add_precision, _id_list, _posit
 from cmrcnet.errors import ConfigError
 from cmrcnet.runtime import PRECISION_CHOICES
 
+BANK_ACTIONS = ("build", "add")
+
+
+def _add_model_and_samples(p: argparse.ArgumentParser) -> None:
+    """--model RUN_DIR, --data DATASET_DIR and --samples (bank and predict)."""
+    p.add_argument("--model", type=Path, required=True, help="run folder of a trained model")
+    p.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
+    p.add_argument("--samples", type=_id_list, required=True, help="comma-separated sample ids")
+
+
+def _add_markers_and_protocol(p: argparse.ArgumentParser) -> None:
+    """--markers and --protocol (evaluate and cv)."""
+    from cmrcnet.evaluation.evaluate import PROTOCOLS
+
+    p.add_argument("--markers", help="comma-separated marker genes or a file with one gene per line")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="strict", help="gene-set protocol")
+
 
 # --- bank -------------------------------------------------------------------------------------------------
 def _add_bank(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -21,10 +38,8 @@ def _add_bank(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
         "the most similar ones. `build` replaces it with the given samples, `add` adds samples (replacing "
         "earlier versions of the same samples). Samples without an image (expression only) are welcome.",
     )
-    p.add_argument("action", choices=["build", "add"], help="build: start from scratch; add: extend")
-    p.add_argument("--model", type=Path, required=True, help="run folder of a trained model")
-    p.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
-    p.add_argument("--samples", type=_id_list, required=True, help="comma-separated sample ids")
+    p.add_argument("action", choices=BANK_ACTIONS, help="build: start from scratch; add: extend")
+    _add_model_and_samples(p)
     p.add_argument("--allow-missing-genes", action="store_true", help="fill genes a sample lacks with zeros")
     p.set_defaults(handler=_run_bank)
 
@@ -58,14 +73,15 @@ def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
         "the k most similar spots of the reference bank (or directly, for the regression method). A sample "
         "never retrieves its own spots.",
     )
-    p.add_argument("--model", type=Path, required=True, help="run folder of a trained model")
-    p.add_argument("--data", type=Path, required=True, help="prepared dataset folder")
-    p.add_argument("--samples", type=_id_list, required=True, help="comma-separated sample ids")
+    from cmrcnet.inference.retrieval import BACKENDS, WEIGHTINGS
+    from cmrcnet.run.layout import CHECKPOINTS
+
+    _add_model_and_samples(p)
     p.add_argument("--out", type=Path, required=True, help="output .h5ad (spots x genes)")
     p.add_argument("--k", type=_positive_int, help="neighbours to average (default from the run: 50)")
-    p.add_argument("--weighting", choices=["mean", "similarity"], help="plain (paper) or similarity-weighted")
-    p.add_argument("--backend", choices=["exact", "faiss"], default="exact", help="search backend")
-    p.add_argument("--checkpoint", choices=["best.pt", "last.pt"], help="default: the run's `select` setting")
+    p.add_argument("--weighting", choices=WEIGHTINGS, help="plain (paper) or similarity-weighted")
+    p.add_argument("--backend", choices=BACKENDS, default="exact", help="search backend")
+    p.add_argument("--checkpoint", choices=CHECKPOINTS, help="default: the run's `select` setting")
     p.add_argument("--ema", action="store_true", default=None, help="use the EMA weights")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="patches per forward pass")
     _add_precision(p)
@@ -111,8 +127,7 @@ def _add_evaluate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--pred", type=Path, required=True, help="prediction .h5ad from `cmrcnet predict`")
     p.add_argument("--data", type=Path, required=True, help="prepared dataset folder with measured counts")
     p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, genes.csv and plots")
-    p.add_argument("--markers", help="comma-separated marker genes or a file with one gene per line")
-    p.add_argument("--protocol", choices=["strict", "paper"], default="strict", help="gene-set protocol")
+    _add_markers_and_protocol(p)
     p.add_argument("--no-plots", action="store_true", help="skip the PNG maps")
     p.set_defaults(handler=_run_evaluate)
 
@@ -167,8 +182,7 @@ def _add_cv(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) ->
         "--samples", type=_id_list, help="comma-separated sample ids (default: every sample with an image)"
     )
     p.add_argument("--epochs", type=_positive_int, help="number of epochs (overrides the config)")
-    p.add_argument("--markers", help="comma-separated marker genes or a file with one gene per line")
-    p.add_argument("--protocol", choices=["strict", "paper"], default="strict", help="gene-set protocol")
+    _add_markers_and_protocol(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, help=PRECISION_HELP + "; overrides the config")
     p.add_argument("--plots", action="store_true", help="draw expression maps for every fold (slow)")

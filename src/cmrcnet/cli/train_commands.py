@@ -14,6 +14,9 @@ from cmrcnet.runtime import PRECISION_CHOICES
 
 # --- train ------------------------------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from cmrcnet.data.genes import GENE_MODES
+    from cmrcnet.models.config import METHODS
+
     p = sub.add_parser(
         "train",
         parents=[common],
@@ -28,14 +31,14 @@ def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     )
     p.add_argument("--out", type=Path, required=True, help="run folder (config, genes, checkpoints, metrics)")
     p.add_argument("--config", default="cpu", help="preset (paper, cpu, tiny) or YAML file (default cpu)")
-    p.add_argument("--method", choices=["cmrcnet", "bleep", "regression"], help="training objective")
+    p.add_argument("--method", choices=METHODS, help="training objective")
     p.add_argument("--epochs", type=_positive_int, help="number of epochs")
     p.add_argument("--batch-size", type=_positive_int, help="spots per optimiser step")
     p.add_argument("--lr", type=_positive_float, help="peak learning rate")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--precision", choices=PRECISION_CHOICES, help=PRECISION_HELP)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--genes", choices=["strict", "paper"], help="gene selection protocol (default strict)")
+    p.add_argument("--genes", choices=GENE_MODES, help="gene selection protocol (default strict)")
     p.add_argument("--n-genes", type=_positive_int, help="number of highly variable genes (strict mode)")
     p.add_argument("--n-expressed-genes", type=int, metavar="M",
                    help="highly expressed genes added to the panel (strict mode; default 100, 0 for none)")

@@ -33,6 +33,7 @@ from cmrcnet.errors import ConfigError, InputFileError
 logger = logging.getLogger(__name__)
 
 GeneMode = Literal["strict", "paper"]
+GENE_MODES: tuple[GeneMode, ...] = ("strict", "paper")  # "paper" leaks test genes (labelled everywhere)
 
 
 @dataclass
@@ -54,7 +55,7 @@ class GeneSelectionConfig:
     tumour_markers: bool = True
 
     def validate(self) -> None:
-        if self.mode not in ("strict", "paper"):
+        if self.mode not in GENE_MODES:
             raise ConfigError(f"gene selection mode must be 'strict' or 'paper', got {self.mode!r}")
         if self.n_top < 1 or self.per_sample_top < 1:
             raise ConfigError("gene selection needs n_top >= 1 and per_sample_top >= 1")

@@ -59,6 +59,7 @@ CONSTANT_RULE = (
     "headline (pcc_<set>) and is excluded in pcc_<set>_excl_constant, reported alongside"
 )
 PROTOCOL_LABEL = {"strict": "strict protocol", "paper": "paper protocol"}
+PROTOCOLS = tuple(PROTOCOL_LABEL)  # "strict" (default) or "paper"
 PROTOCOL_NOTE = {
     "strict": "HEG/HVG chosen on the model's training samples only; test samples are never read for selection",
     "paper": (

@@ -10,4 +10,5 @@ CURVE_FILE = "loss_curve.png"  # train/validation loss per epoch
 RUN_FILE = "run.json"  # provenance and status
 BEST_CKPT = "best.pt"  # lowest validation loss
 LAST_CKPT = "last.pt"  # end of the latest finished epoch (resume point)
+CHECKPOINTS = (BEST_CKPT, LAST_CKPT)  # the checkpoints a run can predict with
 BANK_FILE = "bank.pt"  # reference bank for retrieval

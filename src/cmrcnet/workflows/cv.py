@@ -264,7 +264,7 @@ def _run_one(
         train_run(
             data_dir=data_dir,
             train_samples=list(run.fold.train),
-            out_dir=run.run_dir,
+            run_dir=run.run_dir,
             config=copy.deepcopy(cfg),
             device=device,
             resume=resume,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from cmrcnet.atomic import write_json
 from cmrcnet.data.dataset import PreparedDataset
+from cmrcnet.errors import ConfigError
 from cmrcnet.inference.bank import build_bank, save_bank
 from cmrcnet.run.config import RunConfig
 from cmrcnet.run.layout import RUN_FILE
@@ -23,30 +25,53 @@ def train_run(
     *,
     data_dir: str | Path,
     train_samples: list[str],
-    out_dir: str | Path,
     config: RunConfig,
+    run_dir: str | Path | None = None,
     device: str = "cpu",
-    resume: bool = False,
     progress: bool = True,
-    all_samples_for_paper_genes: list[str] | None = None,
-    command: str | None = None,
+    out_dir: str | Path | None = None,
+    **fit_options: Any,
 ) -> TrainResult:
-    """Train on `train_samples` (`cmrcnet.training.fit.fit_run`, every argument as there), then embed the
-    training samples' expression into the reference bank (`cmrcnet.inference.bank`, not for the regression
-    method) and mark run.json "complete". Under torchrun the first process builds the bank; all wait for it."""
+    """Fit a model, then embed the training samples' expression into its reference bank.
+
+    Under torchrun the first process builds the bank; all wait for it. The bank is not built for the regression
+    method. run.json ends with status "complete".
+
+    Parameters
+    ----------
+    data_dir
+        A prepared dataset folder.
+    train_samples
+        The samples to train on and to put in the bank.
+    config
+        The run's configuration.
+    run_dir
+        The run folder to write (`out_dir` is its former name, still accepted).
+    device
+        "cpu", "cuda", "cuda:N" or "auto".
+    progress
+        Show progress bars.
+    out_dir
+        Former name of `run_dir`.
+    **fit_options
+        `resume`, `all_samples_for_paper_genes` and `command`, passed to `cmrcnet.training.fit.fit_run`.
+
+    Returns
+    -------
+    TrainResult
+        The run folder, the best epoch, its validation loss and the per-epoch history.
+    """
+    run_dir = Path(_one_run_dir(run_dir, out_dir))
     result = fit_run(
         data_dir=data_dir,
         train_samples=train_samples,
-        run_dir=out_dir,
+        run_dir=run_dir,
         config=config,
         device=device,
-        resume=resume,
         progress=progress,
-        all_samples_for_paper_genes=all_samples_for_paper_genes,
-        command=command,
+        **fit_options,
     )
     info = dist_from_env()
-    run_dir = Path(out_dir)
     if info.is_main:
         trained = load_trained_model(run_dir, device=resolve_device(device, info))
         if trained.model_config.method != "regression":
@@ -59,6 +84,15 @@ def train_run(
         write_json(run_dir / RUN_FILE, meta)
     barrier()
     return result
+
+
+def _one_run_dir(run_dir: str | Path | None, out_dir: str | Path | None) -> str | Path:
+    """The run folder given as `run_dir` or by its former name `out_dir` (not both)."""
+    if run_dir is not None and out_dir is not None and Path(run_dir) != Path(out_dir):
+        raise ConfigError(f"run_dir {run_dir} and out_dir {out_dir} differ; give run_dir only")
+    if run_dir is None and out_dir is None:
+        raise ConfigError("run_dir is required")
+    return run_dir if run_dir is not None else out_dir  # type: ignore[return-value]
 
 
 __all__ = ["TrainResult", "train_run"]
