@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,8 @@ import scipy.sparse as sp
 from cmrcnet.constants import PATIENT_KEY, SAMPLE_KEY, SPATIAL_KEY
 from cmrcnet.data.image import SlideImage
 from cmrcnet.errors import InputFileError
+
+logger = logging.getLogger(__name__)
 
 PixelSizeSource = Literal["metadata", "user", "estimated"]
 Technology = Literal["st", "visium", "hest", "unknown", "synthetic"]
@@ -121,3 +124,71 @@ def check_coords_inside_image(sample: Sample, *, path: str | Path, tolerance_px:
             f"lie outside it (max x {xy[:, 0].max():.0f}, max y {xy[:, 1].max():.0f}); wrong image or scale factor?",
             path=path,
         )
+
+
+def assemble_sample(
+    counts: ad.AnnData,
+    *,
+    sample_id: str,
+    patient_id: str,
+    technology: Technology,
+    pixel_size: tuple[float, PixelSizeSource],
+    source: dict[str, str],
+    image_path: str | Path | None,
+    image: SlideImage | None = None,
+    dropped: dict[str, int] | None = None,
+    detail: str = "",
+) -> Sample:
+    """The common tail of every reader: the Sample, its image checked against the spots, one log line.
+
+    Parameters
+    ----------
+    counts
+        The finalised counts (`finalize_counts`), with obsm["spatial"] in full-resolution pixels.
+    sample_id, patient_id, technology
+        As in `Sample`.
+    pixel_size
+        (micrometres per full-resolution pixel, where that came from), from `resolve_pixel_size`.
+    source
+        The files read (provenance); the image path is added to it.
+    image_path
+        The H&E image file, or None for an expression-only sample.
+    image
+        The opened image when the reader needs its own scale; default: `image_path` at scale 1.
+    dropped
+        Spots the reader left out, by reason.
+    detail
+        Text the log line adds after the spot and gene counts (e.g. ", patient 'A'").
+
+    Returns
+    -------
+    Sample
+        The sample; a spot centre outside the image raises InputFileError.
+    """
+    um, px_source = pixel_size
+    if image_path is not None:
+        source = {**source, "image": str(image_path)}
+        image = image if image is not None else SlideImage(image_path, scale=1.0)
+    sample = Sample(
+        sample_id=sample_id,
+        counts=counts,
+        image=image,
+        pixel_size_um=um,
+        pixel_size_source=px_source,
+        patient_id=patient_id,
+        technology=technology,
+        source=source,
+        dropped=dict(dropped or {}),
+    )
+    if image_path is not None:
+        check_coords_inside_image(sample, path=image_path)
+    logger.info(
+        "%s: %d spots x %d genes%s, %.4f um/px (%s)",
+        sample_id,
+        sample.n_spots,
+        counts.n_vars,
+        detail,
+        um,
+        px_source,
+    )
+    return sample

@@ -19,13 +19,12 @@ import scipy.sparse as sp
 
 from cmrcnet.constants import CMRCNET_UNS, SPATIAL_KEY, SPOT_PITCH_UM
 from cmrcnet.data.hdf5 import probe_hdf5
-from cmrcnet.data.image import SlideImage
 from cmrcnet.data.pixel_size import GridKind, resolve_pixel_size
 from cmrcnet.data.readers.visium import SPACERANGER_SPOT_DIAMETER_UM
 from cmrcnet.data.sample import (
     Sample,
     Technology,
-    check_coords_inside_image,
+    assemble_sample,
     check_sparse,
     finalize_counts,
 )
@@ -106,27 +105,17 @@ def read_anndata(
         path=path,
         estimate_um=from_diameter,
     )
-    provenance = {"format": "anndata", "counts": str(path)}
-    if image is not None:
-        provenance["image"] = str(image)
-    else:
+    if image is None:
         logger.info("%s: no image given; reading expression only", sample_id)
-    sample = Sample(
+    return assemble_sample(
+        adata,
         sample_id=sample_id,
-        counts=adata,
-        image=None if image is None else SlideImage(image, scale=1.0),
-        pixel_size_um=um,
-        pixel_size_source=source,
         patient_id=patient_id,
         technology=technology,
-        source=provenance,
+        pixel_size=(um, source),
+        source={"format": "anndata", "counts": str(path)},
+        image_path=image,
     )
-    if image is not None:
-        check_coords_inside_image(sample, path=image)
-    logger.info(
-        "%s: %d spots x %d genes, %.4f um/px (%s)", sample_id, sample.n_spots, adata.n_vars, um, source
-    )
-    return sample
 
 
 def load_h5ad(path: str | Path) -> ad.AnnData:

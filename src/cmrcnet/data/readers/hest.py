@@ -25,10 +25,9 @@ import numpy as np
 
 from cmrcnet.constants import METADATA_DIR, PATCHES_DIR, SPATIAL_KEY, SPOT_PITCH_UM, ST_DIR
 from cmrcnet.data.hdf5 import probe_hdf5
-from cmrcnet.data.image import SlideImage
 from cmrcnet.data.pixel_size import resolve_pixel_size
 from cmrcnet.data.readers.anndata_reader import load_h5ad, spatial_counts
-from cmrcnet.data.sample import Sample, check_coords_inside_image, finalize_counts
+from cmrcnet.data.sample import Sample, assemble_sample, finalize_counts
 from cmrcnet.errors import InputFileError, require_dir, require_file
 
 logger = logging.getLogger(__name__)
@@ -97,30 +96,16 @@ def read_hest(
     provenance = {"format": "hest", "counts": str(st_path)}
     if meta:
         provenance["metadata"] = str(meta_path)
-    if wsi_path is not None:
-        provenance["image"] = str(wsi_path)
-    sample = Sample(
+    return assemble_sample(
+        adata,
         sample_id=sample_id,
-        counts=adata,
-        image=None if wsi_path is None else SlideImage(wsi_path, scale=1.0),
-        pixel_size_um=um,
-        pixel_size_source=source,
         patient_id=patient_id,
         technology="hest",
+        pixel_size=(um, source),
         source=provenance,
+        image_path=wsi_path,
+        detail=f", patient {patient_id!r}",
     )
-    if wsi_path is not None:
-        check_coords_inside_image(sample, path=wsi_path)
-    logger.info(
-        "%s: %d spots x %d genes, patient %r, %.4f um/px (%s)",
-        sample_id,
-        sample.n_spots,
-        adata.n_vars,
-        patient_id,
-        um,
-        source,
-    )
-    return sample
 
 
 def read_hest_metadata(path: str | Path) -> dict:

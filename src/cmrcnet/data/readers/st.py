@@ -19,9 +19,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cmrcnet.constants import SPATIAL_KEY, SPOT_PITCH_UM
-from cmrcnet.data.image import IMAGE_SUFFIXES, SlideImage
+from cmrcnet.data.image import IMAGE_SUFFIXES
 from cmrcnet.data.pixel_size import resolve_pixel_size
-from cmrcnet.data.sample import Sample, check_coords_inside_image, finalize_counts
+from cmrcnet.data.sample import Sample, assemble_sample, finalize_counts
 from cmrcnet.errors import InputFileError, require_dir, require_file
 
 logger = logging.getLogger(__name__)
@@ -106,32 +106,17 @@ def read_st(
         grid="square",
         path=spots,
     )
-    provenance = {"format": "st", "counts": str(counts), "spots": str(spots)}
-    if image is not None:
-        provenance["image"] = str(image)
-    sample = Sample(
+    return assemble_sample(
+        adata,
         sample_id=sample_id,
-        counts=adata,
-        image=None if image is None else SlideImage(image, scale=1.0),
-        pixel_size_um=um,
-        pixel_size_source=source,
         patient_id=patient_id,
         technology="st",
-        source=provenance,
+        pixel_size=(um, source),
+        source={"format": "st", "counts": str(counts), "spots": str(spots)},
+        image_path=image,
         dropped={"no counts row": n_selection_only, "no selected spot": n_counts_only},
+        detail=", " + ("no image" if image is None else image.name),
     )
-    if image is not None:
-        check_coords_inside_image(sample, path=image)
-    logger.info(
-        "%s: %d spots x %d genes, %s, %.4f um/px (%s)",
-        sample_id,
-        sample.n_spots,
-        adata.n_vars,
-        "no image" if image is None else image.name,
-        um,
-        source,
-    )
-    return sample
 
 
 def read_st_dir(

@@ -27,7 +27,7 @@ from cmrcnet.data.pixel_size import estimate_pixel_size, resolve_pixel_size
 from cmrcnet.data.sample import (
     PixelSizeSource,
     Sample,
-    check_coords_inside_image,
+    assemble_sample,
     check_sparse,
     finalize_counts,
 )
@@ -122,25 +122,17 @@ def read_visium(
     provenance = {"format": "visium", "counts": str(matrix_path), "positions": str(positions_path)}
     if scalefactors:
         provenance["scalefactors"] = str(scalefactors_path)
-    if image_path is not None:
-        provenance["image"] = str(image_path)
-    sample = Sample(
+    return assemble_sample(
+        adata,
         sample_id=sample_id,
-        counts=adata,
-        image=slide,
-        pixel_size_um=um,
-        pixel_size_source=source,
         patient_id=patient_id,
         technology="visium",
+        pixel_size=(um, source),
         source=provenance,
+        image_path=image_path,
+        image=slide,
         dropped={"not under tissue": n_not_in_tissue, "no counts": n_no_counts},
     )
-    if image_path is not None:
-        check_coords_inside_image(sample, path=image_path)
-    logger.info(
-        "%s: %d spots x %d genes, %.4f um/px (%s)", sample_id, sample.n_spots, adata.n_vars, um, source
-    )
-    return sample
 
 
 def read_10x_h5(path: str | Path) -> ad.AnnData:
