@@ -17,9 +17,9 @@ from cmrcnet.inference.bank import build_bank, load_bank, merge_banks
 from cmrcnet.inference.predict import predict_spots
 from cmrcnet.run.load import load_trained_model
 
+from . import derived, report, runner, stats
 from . import methods as M
 from . import plan as P
-from . import report, runner, stats
 from .kchoice import K_GRID
 from _machine import git_commit, machine_info
 
@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--variants", default=",".join(M.DEFAULT_VARIANTS))
     ap.add_argument("--folds", help="only these folds (comma-separated names, e.g. patient-test-B)")
     ap.add_argument("--merge", nargs="+", type=Path, help="combine result JSON files of earlier runs and exit")
+    ap.add_argument("--derive", type=Path, help="add the derived rows (smoothing, seed ensembles) to this result "
+                    "JSON from the runs under --work, then exit")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--quick", action="store_true", help="1 fold (train C2, test B4), tiny model, 1 seed, 1 epoch")
     ap.add_argument("--out", type=Path, help="results stem (default benchmarks/results/her2st_accuracy[_quick])")
@@ -56,6 +58,15 @@ def main(argv: list[str] | None = None) -> int:
                "wall_seconds_sum_of_parts": round(sum(r["wall_seconds"] for r in records), 1),
                "encoders": {k: v for r in records for k, v in r["encoders"].items()},
                "variants": {k: v for r in records for k, v in r["variants"].items()}}
+        rec["summary"] = stats.summarise(rec["runs"])
+        write_results(stem, rec)
+        return 0
+    if args.derive:
+        rec = json.loads(args.derive.read_text())
+        rows = [r for r in rec["runs"] if not r.get("derived")]
+        work = args.work / ("quick" if rec["quick"] else "full")
+        folds = {f["name"]: f for f in rec["folds"]}
+        rec["runs"] = rows + derived.derived_rows(work, work / "ds", rows, folds, list(rec["variants"]), _row)
         rec["summary"] = stats.summarise(rec["runs"])
         write_results(stem, rec)
         return 0
@@ -85,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                              baselines=not any(r["fold"] == fold["name"] and r["seed"] is None for r in rows))
             rec.update(runs=rows, summary=stats.summarise(rows), wall_seconds=round(time.time() - t_start, 1))
             write_results(stem, rec)
-    rec["complete"] = True
+    rows += derived.derived_rows(work, ds, rows, {f["name"]: f for f in plan}, variants, _row)
+    rec.update(runs=rows, summary=stats.summarise(rows), wall_seconds=round(time.time() - t_start, 1),
+               complete=True)
     write_results(stem, rec)
     print(Path(f"{stem}.md").read_text())
     return 0
@@ -143,6 +156,7 @@ def run_fold(fold: dict, seed: int, variants: list[str], args, work: Path, ds: P
             for test in fold["tests"]:
                 pred = predict_spots(trained, None if pair is None else pair[0], ds, [test], None, k=k,
                                      progress=False)
+                pred.write_h5ad(rdir / f"pred_{test}{suffix}.h5ad")  # for the derived rows (smoothing, ensembles)
                 refs.setdefault(test, pred)
                 out = rdir / f"eval_{test}{suffix}"
                 rows.append(_row(fold, test, variant + suffix, seed, runner.evaluate_row(pred, ds, out), k=k,
@@ -162,11 +176,10 @@ def _resized(table, size: int):
                      table.coords)
 
 
-def baseline_rows(fold: dict, train, refs: dict, variants: list[str], seed: int, fold_dir: Path,
-                  ds: Path) -> list[dict]:
-    """mean, kNN on handcrafted features, and kNN + ridge on each frozen variant's features (training spots
-    only; deterministic given the frozen encoder, so one row per section with seed None)."""
-    rows = []
+def baseline_predictions(fold: dict, train, refs: dict, variants: list[str], seed: int, fold_dir: Path,
+                         ds: Path) -> dict[tuple[str, str], tuple]:
+    """{(test, method): (prediction AnnData, info)} of mean, kNN on handcrafted features, and kNN + ridge on each
+    frozen variant's features (training spots only; deterministic given the frozen encoder)."""
     data = runner.PreparedDataset(ds)
     tests = {t: load_spot_table(data, [t], None, img_size=224, target_sum=1e4, progress=False)
              for t in fold["tests"]}
@@ -179,6 +192,7 @@ def baseline_rows(fold: dict, train, refs: dict, variants: list[str], seed: int,
             model = load_trained_model(rdir).model
             feats[name] = (M.frozen_features(model, train.images),
                            {t: M.frozen_features(model, x.images) for t, x in tests.items()})
+    out = {}
     for test, ref in refs.items():
         preds = {"mean": (M.mean_prediction(train, ref.n_obs), {})}
         for name, (f_train, f_test) in feats.items():
@@ -186,11 +200,21 @@ def baseline_rows(fold: dict, train, refs: dict, variants: list[str], seed: int,
             if name != "handcrafted":
                 preds[f"ridge-{name}"] = M.ridge_prediction(f_train, f_test[test], train)
         for method, (x, info) in preds.items():
-            pred = runner.prediction_like(ref, np.asarray(x), method, info)
-            metrics = runner.evaluate_row(pred, ds, fold_dir / f"eval_{method}_{test}")
-            rows.append(_row(fold, test, method, None, metrics, k=info.get("k"), k_scores=info.get("k_scores", {}),
-                             k_choice=info.get("k_choice", ""),
-                             k_at_grid_top="k" in info and info["k"] >= max(info["k_scores"]),
-                             probe={k: v for k, v in info.items() if k not in ("k", "k_scores", "k_choice")},
-                             train_seconds=0.0))
+            out[test, method] = (runner.prediction_like(ref, np.asarray(x), method, info), info)
+    return out
+
+
+def baseline_rows(fold: dict, train, refs: dict, variants: list[str], seed: int, fold_dir: Path,
+                  ds: Path) -> list[dict]:
+    """The baselines' rows (one per section and method, seed None); predictions saved for the derived rows."""
+    rows = []
+    for (test, method), (pred, info) in baseline_predictions(fold, train, refs, variants, seed, fold_dir,
+                                                             ds).items():
+        pred.write_h5ad(fold_dir / f"pred_{method}_{test}.h5ad")
+        metrics = runner.evaluate_row(pred, ds, fold_dir / f"eval_{method}_{test}")
+        rows.append(_row(fold, test, method, None, metrics, k=info.get("k"), k_scores=info.get("k_scores", {}),
+                         k_choice=info.get("k_choice", ""),
+                         k_at_grid_top="k" in info and info["k"] >= max(info["k_scores"]),
+                         probe={k: v for k, v in info.items() if k not in ("k", "k_scores", "k_choice")},
+                         train_seconds=0.0))
     return rows

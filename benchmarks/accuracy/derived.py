@@ -1,0 +1,117 @@
+"""Rows derived from saved predictions, without training: spatial smoothing and seed ensembles.
+
+- `<method>+smooth`: the method's prediction averaged with its neighbouring spots' predictions
+  (cmrcnet.inference.smoothing, weight 0.5, first ring); applied to baselines too, so comparisons stay fair.
+- `<method>-ens`: the mean of the method's predictions over its seeds (and `-ens+smooth`).
+Predictions come from the files `run_fold` saves; for runs made before predictions were saved they are made
+again from the run folder with the row's k (retrieval is deterministic given the model, bank and k).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+
+from cmrcnet.data.spots import load_spot_table
+from cmrcnet.inference.bank import build_bank, load_bank, merge_banks
+from cmrcnet.inference.predict import predict_spots
+from cmrcnet.inference.smoothing import smooth_neighbours
+from cmrcnet.run.load import load_trained_model
+
+from . import runner
+from .methods import VARIANTS
+
+SMOOTH = dict(weight=0.5, radius_factor=1.5)
+
+
+def _base(method: str) -> tuple[str, str]:
+    return (method[: -len("+bank")], "+bank") if method.endswith("+bank") else (method, "")
+
+
+def prediction_path(work: Path, row: dict) -> Path:
+    fold_dir = work / "runs" / row["fold"]
+    if row["seed"] is None:
+        return fold_dir / f"pred_{row['method']}_{row['test']}.h5ad"
+    variant, suffix = _base(row["method"])
+    return fold_dir / f"{variant}-seed{row['seed']}" / f"pred_{row['test']}{suffix}.h5ad"
+
+
+def _remake_trained(work: Path, ds: Path, row: dict, fold: dict) -> ad.AnnData:
+    variant, suffix = _base(row["method"])
+    rdir = work / "runs" / row["fold"] / f"{variant}-seed{row['seed']}"
+    trained = load_trained_model(rdir)
+    bank = None
+    if VARIANTS[variant].method != "regression":
+        bank = load_bank(rdir, trained)
+        if suffix:
+            bank = merge_banks(bank, build_bank(trained, runner.PreparedDataset(ds), fold["extra_bank"],
+                                                allow_missing_genes=True, progress=False))
+    return predict_spots(trained, bank, ds, [row["test"]], None, k=row["k"], progress=False)
+
+
+def _remake_baselines(work: Path, ds: Path, fold: dict, rows: list[dict], variants: list[str]) -> None:
+    from .main import baseline_predictions
+
+    refs = {}
+    for r in rows:
+        if r["fold"] == fold["name"] and r["seed"] is not None and prediction_path(work, r).exists():
+            refs.setdefault(r["test"], ad.read_h5ad(prediction_path(work, r)))
+    seed = min(r["seed"] for r in rows if r["fold"] == fold["name"] and isinstance(r["seed"], int))
+    trained = load_trained_model(prediction_path(work, next(
+        r for r in rows if r["fold"] == fold["name"] and r["seed"] == seed)).parent)
+    train = load_spot_table(runner.PreparedDataset(ds), fold["train"], list(trained.genes), img_size=224,
+                            target_sum=trained.run_config.genes.target_sum, progress=False)
+    for (test, method), (pred, _info) in baseline_predictions(
+            fold, train, refs, variants, seed, work / "runs" / fold["name"], ds).items():
+        pred.write_h5ad(work / "runs" / fold["name"] / f"pred_{method}_{test}.h5ad")
+
+
+def ensure_predictions(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], variants: list[str]) -> None:
+    """Save every row's prediction file that is missing (runs made before predictions were saved)."""
+    trained_rows = [r for r in rows if r["seed"] is not None and isinstance(r["seed"], int)]
+    for r in trained_rows:
+        path = prediction_path(work, r)
+        if not path.exists():
+            _remake_trained(work, ds, r, folds[r["fold"]]).write_h5ad(path)
+    for name in sorted({r["fold"] for r in rows if r["seed"] is None}):
+        base_rows = [r for r in rows if r["fold"] == name and r["seed"] is None]
+        if any(not prediction_path(work, r).exists() for r in base_rows):
+            _remake_baselines(work, ds, folds[name], rows, variants)
+
+
+def derived_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], variants: list[str],
+                 make_row) -> list[dict]:
+    """+smooth rows for every saved prediction but `mean`, and -ens / -ens+smooth rows over seeds."""
+    base = [r for r in rows if r["method"] != "mean" and (r["seed"] is None or isinstance(r["seed"], int))]
+    ensure_predictions(work, ds, base, folds, variants)
+    out = []
+    groups: dict[tuple, list[ad.AnnData]] = {}
+    for r in base:
+        pred = ad.read_h5ad(prediction_path(work, r))
+        fold = folds[r["fold"]]
+        eval_dir = prediction_path(work, r).parent / f"eval_derived_{r['method']}_{r['test']}_{r['seed']}"
+        out.append(_smoothed_row(pred, r["method"], r["seed"], fold, r["test"], ds, eval_dir, make_row))
+        if r["seed"] is not None:
+            groups.setdefault((r["fold"], r["test"], r["method"]), []).append(pred)
+    for (fold_name, test, method), preds in groups.items():
+        if len(preds) < 2:
+            continue
+        fold = folds[fold_name]
+        ens = preds[0].copy()
+        ens.X = np.mean([np.asarray(p.X) for p in preds], axis=0).astype(np.float32)
+        eval_dir = work / "runs" / fold_name / f"eval_derived_{method}-ens_{test}"
+        out.append(make_row(fold, test, f"{method}-ens", f"ens{len(preds)}",
+                            runner.evaluate_row(ens, ds, eval_dir), derived=f"mean over {len(preds)} seeds"))
+        out.append(_smoothed_row(ens, f"{method}-ens", f"ens{len(preds)}", fold, test, ds,
+                                 Path(f"{eval_dir}+smooth"), make_row))
+    return out
+
+
+def _smoothed_row(pred: ad.AnnData, method: str, seed, fold: dict, test: str, ds: Path, eval_dir: Path,
+                  make_row) -> dict:
+    smooth = pred.copy()
+    smooth.X = smooth_neighbours(np.asarray(pred.X), np.asarray(pred.obsm["spatial"]), **SMOOTH)
+    return make_row(fold, test, f"{method}+smooth", seed, runner.evaluate_row(smooth, ds, eval_dir),
+                    derived=f"spatial smoothing {SMOOTH} of {method}")
