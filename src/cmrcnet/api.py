@@ -180,7 +180,11 @@ class Model:
         -------
         AnnData
             Spots x genes; writes ``X``, ``obs["sample_id"]``, ``obs["barcode"]``, ``obsm["spatial"]`` and
-            ``uns["cmrcnet"]`` (module docstring).
+            ``uns["cmrcnet"]`` (module docstring). Retrieval methods also write the confidence of each spot,
+            ``obs["retrieval_similarity"]`` (mean cosine similarity of its k bank neighbours) and
+            ``obs["neighbour_spread"]`` (mean over genes of their expression std), and, when the run holds
+            confidence_reference.json, ``uns["cmrcnet"]["confidence_reference"]`` and
+            ``uns["cmrcnet"]["fraction_below_reference_p5"]`` (`cmrcnet.inference.confidence`).
         """
         from cmrcnet.inference.predict import predict_spots
 
@@ -338,7 +342,8 @@ def predict_slide(
     slide
         The slide file.
     out
-        Output folder: prediction.h5ad, thumbnail, tissue mask, heatmaps, tumour score, summary.json.
+        Output folder: prediction.h5ad, thumbnail, tissue mask, heatmaps, tumour score, confidence map,
+        summary.json (with a slide-level warning when most tiles look unlike the training sections), report.html.
     **options
         ``pixel_size_um`` (required without slide metadata), ``step_um``, ``genes``, ``markers``,
         ``threshold``, ``batch_size``, ``precision``, ``device``, ``k``, ``weighting``, ``sample_id``,
@@ -348,8 +353,9 @@ def predict_slide(
     -------
     AnnData
         Tiles x genes: ``X`` predicted log1p expression, ``obsm["spatial"]`` tile centres in full-resolution
-        pixels, ``obs["tissue_fraction"]``, ``obs["tumour_score"]`` when the markers are modelled, and
-        ``uns["cmrcnet"]`` (slide, pixel size, grid, precision).
+        pixels, ``obs["tissue_fraction"]``, ``obs["tumour_score"]`` when the markers are modelled,
+        ``obs["retrieval_similarity"]`` and ``obs["neighbour_spread"]`` for retrieval methods, and
+        ``uns["cmrcnet"]`` (slide, pixel size, grid, precision, confidence reference).
     """
     from cmrcnet.inference.slide import predict_slide as _predict_slide
 

@@ -51,12 +51,19 @@ class Bank:
         )
         if not keep.any():
             raise ConfigError(f"the reference bank holds no spots other than sample {sample_id}'s own")
+        return self.select(keep)
+
+    def select(self, keep: np.ndarray) -> Bank:
+        """The bank's spots where the boolean (N,) `keep` is True (samples left without spots are dropped)."""
+        keep = np.asarray(keep, dtype=bool)
         idx = torch.from_numpy(np.flatnonzero(keep))
+        keys = [k for k, m in zip(self.keys, keep, strict=True) if m]
+        present = {k.split(":", 1)[0] for k in keys}
         return Bank(
             self.embeddings[idx],
             self.expression[idx],
-            [k for k, m in zip(self.keys, keep, strict=True) if m],
-            [s for s in self.samples if s != sample_id],
+            keys,
+            [s for s in self.samples if s in present],
             self.genes,
             self.fingerprint,
         )

@@ -19,6 +19,14 @@ from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.spots import load_spot_table
 from cmrcnet.errors import ConfigError
 from cmrcnet.inference.bank import Bank, load_bank
+from cmrcnet.inference.confidence import (
+    SIMILARITY_KEY,
+    SPREAD_KEY,
+    NeighbourConfidence,
+    confidence_provenance,
+    load_confidence_reference,
+    neighbour_confidence,
+)
 from cmrcnet.inference.export import SPATIAL_UNS, SPOT_DIAMETER_UM, spatial_library
 from cmrcnet.inference.retrieval import WEIGHTINGS, aggregate, clamp_k, make_index
 from cmrcnet.models.preprocess import images_to_float
@@ -83,8 +91,17 @@ class BankRetriever:
 
     def predict(self, query: torch.Tensor | np.ndarray) -> np.ndarray:
         """(Q, D) image embeddings -> (Q, G) float32 predictions (mean or similarity-weighted neighbours)."""
+        return self.retrieve(query, confidence=False)[0]
+
+    def retrieve(
+        self, query: torch.Tensor | np.ndarray, *, confidence: bool = True
+    ) -> tuple[np.ndarray, NeighbourConfidence | None]:
+        """(Q, D) image embeddings -> (Q, G) float32 predictions and, with `confidence`, each query's retrieval
+        similarity and neighbour spread (`cmrcnet.inference.confidence`). The predictions are those of
+        `predict`, from the same search."""
         sims, idx = self.index.search(query, self.k)
-        return np.asarray(aggregate(idx, sims, self.expression, weighting=self.weighting), dtype=np.float32)
+        pred = np.asarray(aggregate(idx, sims, self.expression, weighting=self.weighting), dtype=np.float32)
+        return pred, neighbour_confidence(idx, sims, self.expression) if confidence else None
 
 
 def predict_from_embeddings(
@@ -97,13 +114,32 @@ def predict_from_embeddings(
     backend: str = "exact",
 ) -> np.ndarray:
     """Retrieval predictions (Q, G); a query never retrieves spots of its own sample (that would be a leak)."""
+    return retrieve_from_embeddings(
+        query, query_samples, bank, k=k, weighting=weighting, backend=backend, confidence=False
+    )[0]
+
+
+def retrieve_from_embeddings(
+    query: torch.Tensor,
+    query_samples: Sequence[str],
+    bank: Bank,
+    *,
+    k: int,
+    weighting: str,
+    backend: str = "exact",
+    confidence: bool = True,
+) -> tuple[np.ndarray, NeighbourConfidence | None]:
+    """`predict_from_embeddings` plus, with `confidence`, each query's retrieval confidence (row-aligned)."""
     preds = np.zeros((len(query), len(bank.genes)), dtype=np.float32)
+    conf = NeighbourConfidence.empty(len(query)) if confidence else None
     query_samples = np.asarray(query_samples)
     for sid in dict.fromkeys(query_samples.tolist()):
         rows = np.flatnonzero(query_samples == sid)
         retriever = BankRetriever(bank, k=k, weighting=weighting, backend=backend, exclude_sample=sid)
-        preds[rows] = retriever.predict(query[torch.from_numpy(rows)])
-    return preds
+        preds[rows], part = retriever.retrieve(query[torch.from_numpy(rows)], confidence=confidence)
+        if conf is not None and part is not None:
+            conf.put(rows, part)
+    return preds, conf
 
 
 def prediction_provenance(
@@ -195,7 +231,13 @@ def predict_spots(
     precision: str = "auto",
     progress: bool = True,
 ) -> ad.AnnData:
-    """`predict_samples` for a model already loaded (and its bank; None for the regression method)."""
+    """`predict_samples` for a model already loaded (and its bank; None for the regression method).
+
+    Writes X (spots x genes), obs "sample_id", "barcode", "library_id", obsm "spatial", uns "spatial" and
+    uns "cmrcnet" (provenance). Retrieval methods also write obs "retrieval_similarity" and "neighbour_spread"
+    (`cmrcnet.inference.confidence`) and, when the run holds confidence_reference.json, uns["cmrcnet"]
+    "confidence_reference" (its quantiles) and "fraction_below_reference_p5".
+    """
     device = next(trained.model.parameters()).device
     choice = resolve_precision(precision, device)
     dataset = PreparedDataset(data_dir)
@@ -227,19 +269,28 @@ def predict_spots(
         progress=progress,
         regression=regression,
     )
+    conf = None
     if regression:
         bank = None
         pred = emb.numpy().astype(np.float32)
     else:
         if bank is None:
             raise ConfigError(f"the {trained.model_config.method} method needs its reference bank")
-        pred = predict_from_embeddings(emb, table.sample_ids, bank, k=k, weighting=weighting, backend=backend)
+        pred, conf = retrieve_from_embeddings(
+            emb, table.sample_ids, bank, k=k, weighting=weighting, backend=backend
+        )
     adata = ad.AnnData(pred)
     adata.var_names = list(trained.genes)
     adata.obs_names = table.keys()
     adata.obs[SAMPLE_KEY] = pd.Categorical(table.sample_ids)
     adata.obs["barcode"] = table.barcodes
     adata.obsm[SPATIAL_KEY] = table.coords
+    if conf is not None:
+        adata.obs[SIMILARITY_KEY] = conf.similarity
+        adata.obs[SPREAD_KEY] = conf.spread
+    reference = (
+        None if conf is None else load_confidence_reference(trained.run_dir, fingerprint=trained.fingerprint)
+    )
     adata.uns[CMRCNET_UNS] = {
         **prediction_provenance(
             trained,
@@ -252,6 +303,7 @@ def predict_spots(
             precision=choice,
         ),
         "data_dir": str(dataset.root.resolve()),
+        **confidence_provenance(conf, reference, k=k),
     }
     _add_tissue_images(adata, dataset, samples)
     if out_path is not None:

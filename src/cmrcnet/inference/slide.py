@@ -14,7 +14,12 @@ Pipeline:
    run's reference bank (or directly, for the regression method). The next batch is read in a background thread
    while the current one is embedded. Memory holds a batch or two of tiles plus one row of predictions per tile.
 5. Write OUT_DIR/prediction.h5ad (tiles x genes), the tissue mask, thumbnail, heatmaps, tumour score map
-   (and mask with a threshold), and summary.json, each atomically.
+   (and mask with a threshold), the confidence map, summary.json and report.html, each atomically.
+
+Retrieval confidence (`cmrcnet.inference.confidence`): every tile gets obs "retrieval_similarity" and
+"neighbour_spread". When the run holds confidence_reference.json, summary.json records the fraction of tiles below
+the reference's 5th percentile, and more than half of the tiles below it raises a slide-level warning (logged,
+in summary.json "warnings" and in report.html).
 """
 
 from __future__ import annotations
@@ -37,9 +42,17 @@ from cmrcnet.data.slide_reader import SlideReader, open_slide
 from cmrcnet.data.tissue import TissueConfig
 from cmrcnet.errors import ConfigError
 from cmrcnet.inference.bank import load_bank
+from cmrcnet.inference.confidence import (
+    SIMILARITY_KEY,
+    SPREAD_KEY,
+    confidence_provenance,
+    load_confidence_reference,
+    slide_confidence_summary,
+)
 from cmrcnet.inference.export import SPATIAL_UNS, spatial_library
 from cmrcnet.inference.predict import prediction_provenance
 from cmrcnet.inference.slide_outputs import (
+    CONFIDENCE_MAP_FILE,
     HEATMAP_PREFIX,
     PREDICTION_FILE,
     SCORE_MAP_FILE,
@@ -56,6 +69,7 @@ from cmrcnet.run.load import TrainedModel, load_trained_model
 from cmrcnet.runtime import resolve_precision
 
 __all__ = [
+    "CONFIDENCE_MAP_FILE",
     "HEATMAP_PREFIX",
     "PREDICTION_FILE",
     "SCORE_MAP_FILE",
@@ -146,7 +160,7 @@ def predict_slide(
         min_tissue: fraction of a tile that must be tissue for the tile to be predicted.
         tissue: tissue-detection parameters.
         reader: slide back end ("auto", "openslide", "tifffile", "pillow").
-        plots: draw the heatmap and score PNGs.
+        plots: draw the heatmap, score and confidence PNGs.
     """
     t_start = time.perf_counter()
     _check_options(batch_size=batch_size, min_tissue=min_tissue, step_um=step_um)
@@ -170,7 +184,7 @@ def predict_slide(
         )
         _log_layout(sample_id, layout, slide_reader)
         t_pred = time.perf_counter()
-        preds = predict_tiles(
+        preds, conf = predict_tiles(
             trained,
             slide_reader,
             layout.level,
@@ -190,6 +204,15 @@ def predict_slide(
     adata = _tiles_adata(preds, model_genes, sample_id, layout)
     used_markers = _add_tumour_score(adata, preds, model_genes, score_markers, threshold)
     stats = _tile_stats(layout, seconds_pred, choice.precision)
+    reference = None
+    if conf is not None:
+        adata.obs[SIMILARITY_KEY] = conf.similarity
+        adata.obs[SPREAD_KEY] = conf.spread
+        reference = load_confidence_reference(model, fingerprint=trained.fingerprint)
+    stats["confidence"], warning = slide_confidence_summary(conf, reference)
+    stats["warnings"] = [warning] if warning else []
+    if warning:
+        logger.warning("%s: %s", sample_id, warning)
     adata.uns[CMRCNET_UNS] = {
         **prediction_provenance(
             trained,
@@ -202,6 +225,7 @@ def predict_slide(
             precision=choice,
         ),
         **_slide_provenance(layout, sample_id, fov_um, step_um, min_tissue, tissue),
+        **confidence_provenance(conf, reference, k=k),
         "tumour_markers": used_markers,
         "tumour_threshold": float("nan") if threshold is None else float(threshold),
     }
@@ -217,6 +241,7 @@ def predict_slide(
         map_genes=map_genes if plots else [],
         score_map=plots and bool(used_markers),
         tumour_mask=plots and threshold is not None and bool(used_markers),
+        confidence_map=plots and conf is not None,
     )
     stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
     files += _write_summary(out_dir, adata, files, layout, model, sample_id, fov_um, step_um, stats)

@@ -12,6 +12,7 @@ import numpy as np
 from cmrcnet.atomic import atomic_path
 from cmrcnet.constants import CMRCNET_UNS
 from cmrcnet.data.tissue import TissueMask
+from cmrcnet.inference.confidence import LOW_PERCENTILE, SIMILARITY_KEY
 from cmrcnet.inference.export import GEOJSON_FILE, write_tiles_geojson
 from cmrcnet.inference.tiles import TileGrid
 from cmrcnet.inference.tumour import SCORE_KEY, TUMOUR_KEY
@@ -21,8 +22,10 @@ TISSUE_MASK_FILE = "tissue_mask.png"  # 8-bit, 255 = tissue, at thumbnail resolu
 THUMBNAIL_FILE = "thumbnail.png"
 SCORE_MAP_FILE = "tumour_score.png"
 TUMOUR_MASK_FILE = "tumour_mask.png"
+CONFIDENCE_MAP_FILE = "confidence.png"  # per-tile retrieval similarity
 SUMMARY_FILE = "summary.json"
 HEATMAP_PREFIX = "heatmap_"  # heatmap_<gene>.png
+SCORE_CONTOUR_QUANTILE = 0.8  # the tumour score map outlines its top 20 % of tiles on the thumbnail
 
 
 def _safe_name(gene: str) -> str:
@@ -39,6 +42,7 @@ def write_slide_outputs(
     map_genes: Sequence[str],
     score_map: bool,
     tumour_mask: bool,
+    confidence_map: bool = False,
 ) -> list[Path]:
     """Write the slide's files atomically into `out_dir` (prediction.h5ad last) and list them.
 
@@ -55,6 +59,9 @@ def write_slide_outputs(
         Genes to draw heatmaps of.
     score_map, tumour_mask
         Draw the tumour score map; draw the thresholded tumour mask.
+    confidence_map
+        Draw obs "retrieval_similarity" (the reference's 5th percentile, when uns["cmrcnet"] holds one, is
+        drawn as a contour and named in the title).
 
     Returns
     -------
@@ -103,6 +110,7 @@ def write_slide_outputs(
             cmap="RdBu_r",
             vmin=-lim,
             vmax=lim,
+            contour_quantile=SCORE_CONTOUR_QUANTILE,
             **geometry,
         )
         files.append(out_dir / SCORE_MAP_FILE)
@@ -120,7 +128,44 @@ def write_slide_outputs(
             **geometry,
         )
         files.append(out_dir / TUMOUR_MASK_FILE)
+    if confidence_map and SIMILARITY_KEY in adata.obs:
+        files.append(_confidence_map(out_dir, adata, thumb, mask, rows, cols, sid, geometry))
     with atomic_path(out_dir / PREDICTION_FILE) as tmp:
         adata.write_h5ad(tmp)
     files.append(out_dir / PREDICTION_FILE)
     return files
+
+
+def _confidence_map(
+    out_dir: Path,
+    adata: ad.AnnData,
+    thumb: np.ndarray,
+    mask: TissueMask,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    sid: str,
+    geometry: dict,
+) -> Path:
+    """confidence.png: each tile's retrieval similarity, with the reference's 5th percentile as a contour."""
+    from cmrcnet.plotting.slide_maps import plot_tile_map
+
+    reference = adata.uns[CMRCNET_UNS].get("confidence_reference")
+    low = None if reference is None else float(reference["quantiles"][str(LOW_PERCENTILE)])
+    title = f"{sid}: retrieval similarity"
+    if low is not None:
+        title += f" (line: training validation p{LOW_PERCENTILE} = {low:.3f})"
+    path = out_dir / CONFIDENCE_MAP_FILE
+    plot_tile_map(
+        thumb,
+        mask.downsample,
+        rows,
+        cols,
+        adata.obs[SIMILARITY_KEY].to_numpy(dtype=np.float64),
+        path,
+        title=title,
+        label="mean cosine similarity of the k neighbours",
+        cmap="magma",
+        contour_level=low,
+        **geometry,
+    )
+    return path

@@ -15,6 +15,7 @@ from cmrcnet.data.spots import resize_uint8
 from cmrcnet.data.tissue import TissueConfig, TissueMask, detect_tissue
 from cmrcnet.errors import ConfigError, InputFileError
 from cmrcnet.inference.bank import Bank
+from cmrcnet.inference.confidence import NeighbourConfidence
 from cmrcnet.inference.predict import BankRetriever, embed_patches
 from cmrcnet.run.load import TrainedModel
 
@@ -74,14 +75,16 @@ def predict_tiles(
     batch_size: int,
     precision: str,
     progress: bool,
-) -> np.ndarray:
-    """(N, G) float32 predictions for the tiles at `centers`, read and predicted batch by batch."""
+) -> tuple[np.ndarray, NeighbourConfidence | None]:
+    """(N, G) float32 predictions for the tiles at `centers`, read and predicted batch by batch, and each tile's
+    retrieval confidence (None for the regression method, which retrieves nothing)."""
     n = len(centers)
     img_size = int(trained.model_config.img_size)
     regression = bank is None
     # the bank is indexed once for the whole slide (its own spots were removed by the caller)
     retriever = None if regression else BankRetriever(bank, k=k, weighting=weighting)
     preds = np.zeros((n, len(trained.genes)), dtype=np.float32)  # (N, G)
+    conf = None if regression else NeighbourConfidence.empty(n)
 
     def read_batch(start: int) -> np.ndarray:
         stop = min(start + batch_size, n)
@@ -105,9 +108,10 @@ def predict_tiles(
             if regression:
                 preds[start:stop] = emb.numpy()
             else:
-                preds[start:stop] = retriever.predict(emb)
+                preds[start:stop], part = retriever.retrieve(emb)
+                conf.put(slice(start, stop), part)
             bar.update(len(tiles))
-    return preds
+    return preds, conf
 
 
 @dataclass

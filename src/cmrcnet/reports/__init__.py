@@ -104,17 +104,20 @@ def evaluation_report(out_dir: Path, metrics: dict, set_names: Sequence[str], fi
 
 
 def slide_report(out_dir: Path, summary: dict, provenance: Mapping[str, Any], files: Sequence[str]) -> Path:
-    """report.html of `predict-slide`: the maps side by side with the slide, tile counts, timing, provenance."""
-    order = ["thumbnail.png", "tissue_mask.png", "tumour_score.png", "tumour_mask.png"]
+    """report.html of `predict-slide`: warnings, the maps side by side with the slide, tile counts, timing,
+    retrieval confidence, provenance."""
+    order = ["thumbnail.png", "tissue_mask.png", "tumour_score.png", "tumour_mask.png", "confidence.png"]
     maps = [f for f in order if f in files] + sorted(f for f in files if f.startswith("heatmap_"))
     keep = ("kind", "method", "run_dir", "checkpoint", "train_samples", "bank_samples", "k", "precision",
             "precision_reason", "pixel_size_um", "pixel_size_source", "fov_um", "step_um", "level",
-            "tumour_markers", "synthetic", "transductive", "cmrcnet_version")  # fmt: skip
+            "tumour_markers", "confidence", "synthetic", "transductive", "cmrcnet_version")  # fmt: skip
     return render(
         "slide.html.j2",
         out_dir / REPORT_FILE,
         title=f"cmrcnet slide prediction: {summary['sample_id']}",
         summary=summary,
+        warnings=list(summary.get("warnings", [])),
+        confidence=summary.get("confidence") or {},
         figures=figures(out_dir, maps),
         provenance={k: provenance[k] for k in keep if k in provenance},
     )

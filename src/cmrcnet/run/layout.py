@@ -12,3 +12,4 @@ BEST_CKPT = "best.pt"  # lowest validation loss
 LAST_CKPT = "last.pt"  # end of the latest finished epoch (resume point)
 CHECKPOINTS = (BEST_CKPT, LAST_CKPT)  # the checkpoints a run can predict with
 BANK_FILE = "bank.pt"  # reference bank for retrieval
+CONFIDENCE_REFERENCE_FILE = "confidence_reference.json"  # retrieval similarity of the validation spots

@@ -11,6 +11,7 @@ from cmrcnet.atomic import write_json
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.errors import ConfigError
 from cmrcnet.inference.bank import build_bank, save_bank
+from cmrcnet.inference.confidence_reference import write_confidence_reference
 from cmrcnet.run.config import RunConfig
 from cmrcnet.run.layout import RUN_FILE
 from cmrcnet.run.load import load_trained_model
@@ -34,7 +35,8 @@ def train_run(
 ) -> TrainResult:
     """Fit a model, then embed the training samples' expression into its reference bank.
 
-    Under torchrun the first process builds the bank; all wait for it. The bank is not built for the regression
+    With the bank, the retrieval similarity of the run's validation spots is measured and written to
+    confidence_reference.json (`cmrcnet.inference.confidence_reference`). Under torchrun the first process builds the bank; all wait for it. The bank is not built for the regression
     method. run.json ends with status "complete".
 
     Parameters
@@ -79,6 +81,7 @@ def train_run(
             bank = build_bank(trained, PreparedDataset(data_dir), samples, progress=progress)
             save_bank(bank, run_dir)
             logger.info("reference bank: %d spots of %s (%s)", len(bank), samples, bank.fingerprint)
+            write_confidence_reference(trained, bank, data_dir, progress=progress)
         meta = json.loads((run_dir / RUN_FILE).read_text())
         meta["status"] = "complete"
         write_json(run_dir / RUN_FILE, meta)
