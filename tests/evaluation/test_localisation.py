@@ -179,3 +179,25 @@ def test_localise_eval_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "bad.tsv" in err and "x" in err
     assert main([*base, "--positive", "invasive cancer", "--score-key", "nothing"]) == 2
     assert "nothing" in capsys.readouterr().err
+
+
+def test_other_labels_are_negative_unless_ignored(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every label other than the positive ones is negative; --ignore leaves labels out before matching."""
+    a = ad.AnnData(np.zeros((4, 1), dtype=np.float32))
+    a.var_names = ["G"]
+    a.obs_names = ["s0", "s1", "s2", "s3"]
+    a.obs["tumour_score"] = [3.0, 0.0, 2.0, 5.0]  # the undetermined spot scores highest
+    a.obsm["spatial"] = np.array([[0.0, 0.0], [200.0, 0.0], [0.0, 200.0], [200.0, 200.0]])
+    a.write_h5ad(tmp_path / "p.h5ad")
+    pd.DataFrame(
+        {"x": [0, 200, 0, 200], "y": [0, 0, 200, 200], "label": ["tumour", "normal", "tumour", " undetermined"]}
+    ).to_csv(tmp_path / "l.tsv", sep="\t", index=False)  # fmt: skip
+    r = localise_eval(tmp_path / "p.h5ad", tmp_path / "l.tsv", ["tumour"])
+    assert r["n_negative"] == 2 and r["auroc"] == 0.5 and r["n_ignored"] == 0  # undetermined is negative
+    r = localise_eval(tmp_path / "p.h5ad", tmp_path / "l.tsv", ["tumour"], ignore=["undetermined"])
+    assert r["n_negative"] == 1 and r["auroc"] == 1.0 and r["n_ignored"] == 1 and r["n_matched"] == 3
+    base = ["localise-eval", "--pred", str(tmp_path / "p.h5ad"), "--labels", str(tmp_path / "l.tsv")]
+    assert main([*base, "--positive", "tumour", "--ignore", "undetermined"]) == 0
+    assert "AUROC 1.000" in capsys.readouterr().out
+    assert main([*base, "--positive", "tumour", "--ignore", "tumour"]) == 2
+    assert "both positive and ignored" in capsys.readouterr().err

@@ -154,18 +154,41 @@ def _run_predict_slides(args: argparse.Namespace) -> int:
 
 
 # --- localise-eval ----------------------------------------------------------------------------------------
+LOCALISE_CONVENTIONS = """\
+Match each label point to the nearest predicted tile/spot centre, then report how well the score separates
+the positive labels from the rest: AUROC (ties counted half) and average precision.
+
+labels (TSV): x, y in full-resolution pixels of the predicted image, label, optional sample_id;
+  her2st's pixel_x, pixel_y are used when present. Rows without coordinates or label are dropped.
+  Labels compare exactly (case-sensitive) after stripping spaces.
+  positive: the --positive labels (e.g. "invasive cancer" "cancer in situ").
+  ignored:  the --ignore labels (none by default, e.g. undetermined), left out before matching.
+  negative: every other label.
+matching: the nearest centre in Chebyshev distance (max |dx|, |dy|), if at most half the tile side
+  (predict-slide output: the tile containing the point), half the median spot spacing (spot
+  predictions) or --max-distance px. Points farther from every centre are unmatched and left out
+  (counted). With a sample_id column a point matches only its own sample; two points in one tile
+  both count, with that tile's score.
+"""
+
+
 def _add_localise_eval(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "localise-eval",
         parents=[common],
         help="AUROC / average precision of a tumour score against pathologist labels",
-        description="Match each label point (TSV: x, y in full-resolution pixels, label; optional sample_id) to "
-        "the nearest predicted tile/spot centre within half a tile, then report how well the score separates "
-        "the --positive labels from the rest (AUROC with ties counted half; average precision).",
+        description=LOCALISE_CONVENTIONS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--pred", type=Path, required=True, help="prediction .h5ad (predict-slide or predict)")
     p.add_argument("--labels", type=Path, required=True, help="label TSV with columns x, y, label")
     p.add_argument("--positive", nargs="+", required=True, help="label(s) counted as positive (tumour)")
+    p.add_argument(
+        "--ignore",
+        nargs="+",
+        default=[],
+        help="label(s) left out, e.g. undetermined (default: none; all rank)",
+    )
     p.add_argument(
         "--score-key", default="tumour_score", help="obs column or gene to rank by (default tumour_score)"
     )
@@ -189,6 +212,7 @@ def _run_localise_eval(args: argparse.Namespace) -> int:
         markers=parse_markers(args.markers),
         max_distance_px=args.max_distance,
         out_path=args.out,
+        ignore=args.ignore,
     )
     print(
         f"{r['score']}: AUROC {r['auroc']:.3f}, average precision {r['average_precision']:.3f} "

@@ -6,6 +6,25 @@ The tumour score itself is computed at prediction time (`cmrcnet.inference.tumou
 nearest predicted tile/spot centre and reports how well the score ranks the positive labels above the others:
 AUROC (rank-based, ties counted half) and average precision (sklearn's step-wise definition). Both are written
 here in numpy so the definitions are explicit and tested against hand-computed values.
+
+Label conventions (what the code does):
+
+- **Reading.** Columns x, y (full-resolution pixels of the predicted image) and label, optionally sample_id.
+  her2st's ``*_labeled_coordinates.tsv`` is read through its pixel_x, pixel_y columns (its x, y are array
+  coordinates and are dropped). Rows without coordinates or label are dropped with a warning. Labels are
+  stripped of surrounding spaces and then compared exactly (case-sensitive).
+- **Positive.** The labels given as `positive` (``--positive``), e.g. "invasive cancer" and "cancer in situ".
+  A positive label absent from the file is an error that lists the file's labels.
+- **Ignored.** The labels given as `ignore` (``--ignore``, none by default), e.g. "undetermined", are removed
+  before matching. Also left out: points that match no tile/spot (counted as unmatched).
+- **Negative.** Every other label (immune infiltrate, connective tissue, adipose tissue, breast glands, and
+  "undetermined" unless ignored).
+- **Matching.** Each point takes the score of the nearest predicted centre in Chebyshev distance (max(|dx|, |dy|))
+  if that distance is at most half a tile: for a predict-slide prediction half the tile side (the point lies in
+  that square tile), for spot predictions half the median distance between neighbouring spots, or
+  ``--max-distance`` pixels. With a sample_id column points are matched within their own sample only; without
+  it the prediction must hold one sample. Each point counts once, so two points in one tile both count (with the
+  tile's score).
 """
 
 from __future__ import annotations
@@ -181,19 +200,23 @@ def localise_eval(
     markers: Sequence[str] | None = None,
     max_distance_px: float | None = None,
     out_path: str | Path | None = None,
+    ignore: Sequence[str] = (),
 ) -> dict[str, Any]:
     """AUROC and average precision of a prediction's score against pathologist label points.
 
     Args:
         pred_path: prediction .h5ad (`cmrcnet predict-slide`, or `cmrcnet predict` spots).
         labels_path: label TSV (`read_labels`).
-        positive: labels that count as positive (e.g. "invasive cancer", "cancer in situ").
+        positive: labels that count as positive (e.g. "invasive cancer", "cancer in situ"); every other label
+            that is not in `ignore` counts as negative. Labels compare exactly after stripping spaces.
         score_key: obs column, or a gene name; "tumour_score" is computed from `markers` when absent.
         max_distance_px: matching distance (Chebyshev, full-resolution pixels); default half a tile.
         out_path: write the report as JSON here (atomically) when given.
+        ignore: labels left out before matching (e.g. "undetermined"); default none (all labels rank).
 
     Each label point takes the score of the nearest tile/spot centre within the matching distance; points with
-    no tile that close (e.g. on tissue the tissue detector missed) are counted and left out.
+    no tile that close (e.g. on tissue the tissue detector missed) are counted and left out. The conventions in
+    full are in the module docstring.
     """
     pred_path = require_file(pred_path, "prediction")
     try:
@@ -208,6 +231,15 @@ def localise_eval(
     unknown = [p for p in positive if p not in known]
     if unknown:
         raise ConfigError(f"positive label(s) {unknown} not in {labels_path}; its labels are {known}")
+    ignore = [str(i).strip() for i in ignore]
+    both = sorted(set(ignore) & set(positive))
+    if both:
+        raise ConfigError(f"label(s) {both} are both positive and ignored")
+    ignored = labels["label"].isin(ignore).to_numpy()
+    if ignored.any():
+        logger.info("%d label points with labels %s are ignored", int(ignored.sum()), sorted(set(ignore)))
+    n_all = len(labels)
+    labels = labels[~ignored].reset_index(drop=True)
     score, score_desc = _score_column(adata, score_key, markers)
     if max_distance_px is None:
         half, half_desc = _half_tile(adata)
@@ -257,7 +289,10 @@ def localise_eval(
         "score": score_desc,
         "score_key": score_key,
         "positive": positive,
-        "n_label_points": len(labels),
+        "ignored": ignore,
+        "negative": "every other label",
+        "n_label_points": n_all,
+        "n_ignored": int(ignored.sum()),
         "n_matched": int(ok.sum()),
         "n_unmatched": int((~ok).sum()),
         "n_positive": int(is_pos.sum()),
