@@ -12,7 +12,8 @@ from cmrcnet.cli._common import _add_precision, _id_list, _positive_float, _posi
 # --- predict-slide and predict-slides ----------------------------------------------------------------------
 SLIDE_OUTPUTS = (
     "prediction.h5ad, tissue_mask.png, thumbnail.png, heatmap_<gene>.png, tumour_score.png (tumour_mask.png with "
-    "--threshold), tiles.geojson (QuPath: File > Import objects) and summary.json"
+    "--threshold), confidence.png (retrieval similarity per tile), tiles.geojson (QuPath: File > Import objects), "
+    "summary.json (with a warning when most tiles look unlike the training sections) and report.html"
 )
 
 
