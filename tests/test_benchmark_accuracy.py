@@ -83,7 +83,7 @@ def test_k_choice_prefers_few_neighbours_when_neighbours_are_exact() -> None:
     groups = np.repeat(["s1", "s2", "s3"], 100)
     k, scores = kchoice.choose_k(kchoice.euclidean_similarity(feats), expr, groups, heg=np.arange(8))
     assert k <= 10 and scores[k] > scores[50] > scores[200]
-    assert max(scores) == 200  # 400 clamped to the largest bank (two groups of 100)
+    assert max(scores) == 200  # 400 and above clamped to the largest bank (two groups of 100)
 
 
 def test_k_choice_ties_go_to_the_smaller_k() -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-K_GRID = (5, 10, 20, 50, 100, 200, 400)
+K_GRID = (5, 10, 20, 50, 100, 200, 400, 800, 1600)  # clamped to the bank size
 
 # similarity(query_rows, bank_rows) -> (Q, B) scores where LARGER is closer
 Similarity = Callable[[np.ndarray, np.ndarray], np.ndarray]
