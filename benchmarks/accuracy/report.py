@@ -125,6 +125,21 @@ def _k_lines(runs: list[dict], protocol: str) -> list[str]:
             + f"; at the top of the grid (or the bank size): {top}."]
 
 
+def _confidence(table: dict) -> list[str]:
+    rows = [(m, e) for m, e in table.items() if e.get("confidence_error_spearman", {}).get("mean") is not None
+            and "+smooth" not in m and "-ens" not in m]
+    if not rows:
+        return []
+    lines = ["", "Retrieval confidence (obs `retrieval_similarity`, mean cosine similarity of the k retrieved spots) "
+             "against the actual per-spot error: Spearman rho with 1 - spot-wise PCC and with per-spot MSE "
+             "(negative = the confidence is useful):", "",
+             "| method | mean similarity | rho (1 - spot PCC) | rho (MSE) |", "|---|---|---|---|"]
+    for m, e in sorted(rows):
+        lines.append(f"| {m} | {_cell(e['similarity_mean'])} | {_cell(e['confidence_error_spearman'])} | "
+                     f"{_cell(e['confidence_error_spearman_mse'])} |")
+    return lines
+
+
 def markdown(rec: dict) -> str:
     lines = _header(rec)
     summary = rec.get("summary", {})
@@ -132,6 +147,7 @@ def markdown(rec: dict) -> str:
         table = summary[protocol]
         lines += [f"## {PROTOCOL_TITLES.get(protocol, protocol)}", ""]
         lines += _table(table) + _paired(table) + _per_section(table) + _k_lines(rec.get("runs", []), protocol)
+        lines += _confidence(table)
         lines.append("")
     lines += ["## Variants", ""]
     for name, v in rec.get("variants", {}).items():

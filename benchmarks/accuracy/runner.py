@@ -195,7 +195,27 @@ def evaluate_row(pred: ad.AnnData, ds: Path, out: Path) -> dict:
     row["heg50_pcc"] = [None if ct else (0.0 if math.isnan(r) else float(r))
                         for r, ct in zip(heg["pcc"], heg["constant_true"], strict=True)]
     row["leakage"] = m["leakage"]
+    row.update(confidence_row(pred, ds, sid))
     return row
+
+
+def confidence_row(pred: ad.AnnData, ds: Path, sid: str) -> dict:
+    """Retrieval confidence against the actual per-spot error (Spearman; negative = useful), when the
+    prediction carries `obs["retrieval_similarity"]` (retrieval methods)."""
+    from cmrcnet.data.genes import expression_matrix
+    from cmrcnet.inference.confidence import error_correlation
+
+    if "retrieval_similarity" not in pred.obs:
+        return {}
+    sim = pred.obs["retrieval_similarity"].to_numpy(dtype=np.float64)
+    genes = list(pred.var_names)
+    counts = PreparedDataset(ds).read_counts(sid)[pred.obs["barcode"].astype(str).tolist()]
+    true, missing = expression_matrix(counts, genes, target_sum=1e4, allow_missing=True)
+    keep = [j for j, g in enumerate(genes) if g not in set(missing)]
+    x = np.asarray(pred.X)[:, keep]
+    return {"similarity_mean": float(sim.mean()), "similarity_p5": float(np.percentile(sim, 5)),
+            "confidence_error_spearman": error_correlation(sim, x, true[:, keep]),
+            "confidence_error_spearman_mse": error_correlation(sim, x, true[:, keep], error="mse")}
 
 
 def prediction_like(ref: ad.AnnData, x: np.ndarray, method: str, extra: dict) -> ad.AnnData:

@@ -26,7 +26,8 @@ import numpy as np
 
 METRICS = ("pcc_heg50", "pcc_hvg50", "pcc_markers", "pcc_all", "pcc_heg50_excl_constant",
            "pcc_hvg50_excl_constant", "pcc_markers_excl_constant", "spotwise_pcc", "mse", "mae",
-           "gene_gene_corr", "n_constant", "n_excluded_true")
+           "gene_gene_corr", "n_constant", "n_excluded_true", "similarity_mean", "confidence_error_spearman",
+           "confidence_error_spearman_mse")
 BASELINE_PREFIXES = ("knn", "ridge", "mean", "bleep", "regression")
 N_BOOT = 2000
 
