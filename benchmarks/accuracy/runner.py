@@ -219,7 +219,8 @@ def confidence_row(pred: ad.AnnData, ds: Path, sid: str) -> dict:
 
 
 def prediction_like(ref: ad.AnnData, x: np.ndarray, method: str, extra: dict) -> ad.AnnData:
-    a = ad.AnnData(x.astype(np.float32), obs=ref.obs.copy(), var=ref.var.copy(), obsm=dict(ref.obsm))
+    obs = ref.obs.drop(columns=[c for c in ("retrieval_similarity", "neighbour_spread") if c in ref.obs])
+    a = ad.AnnData(x.astype(np.float32), obs=obs, var=ref.var.copy(), obsm=dict(ref.obsm))
     info = dict(ref.uns["cmrcnet"])
     info.update(method=method, run_dir="", checkpoint="", weights="", **{k: v for k, v in extra.items()
                                                                           if k in ("k",)})
