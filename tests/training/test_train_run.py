@@ -18,6 +18,7 @@ from cmrcnet.run.config import load_run_config
 from cmrcnet.run.layout import (
     BANK_FILE,
     BEST_CKPT,
+    CONFIDENCE_REFERENCE_FILE,
     CONFIG_FILE,
     CURVE_FILE,
     GENES_FILE,
@@ -52,6 +53,7 @@ RUN_FILES = {
     LAST_CKPT,
     RUN_FILE,
     BANK_FILE,
+    CONFIDENCE_REFERENCE_FILE,  # retrieval similarity of the validation spots, written with the bank
 }
 
 
