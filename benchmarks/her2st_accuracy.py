@@ -1,7 +1,7 @@
 """Accuracy on real her2st sections: held-out patients first, paired statistics, same-feature baselines.
 
     python benchmarks/her2st_accuracy.py [--her2st ../shared/data/her2st] [--work DIR] [--seeds 0,1,2]
-        [--protocols patient,within] [--variants ...] [--folds patient-test-B] [--quick]
+        [--protocols patient,within_patient] [--variants ...] [--folds patient-test-B] [--quick]
     python benchmarks/her2st_accuracy.py --merge A.json B.json   # one result from runs in several files
 
 Protocols (benchmarks/accuracy/plan.py; every sample prepared by this script into WORK/ds):
@@ -10,7 +10,7 @@ Protocols (benchmarks/accuracy/plan.py; every sample prepared by this script int
                     standardisation or self-supervised pretraining (checked by plan.check_no_leak).
   patient-degraded  the C2-C6 models on a copy of B4 made here at ~3.4 um/px, re-coloured, black background
                     (written under WORK, never committed).
-  within            secondary, labelled "within-patient (same patient in training)": leave-one-section-out over
+  within_patient    secondary, labelled "within-patient (same patient in training)": leave-one-section-out over
                     C2-C6.
 
 Methods (benchmarks/accuracy/methods.py): CMRCNet, BLEEP and regression heads on a frozen SimCLR encoder (or a

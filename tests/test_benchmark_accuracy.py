@@ -67,7 +67,7 @@ def test_genes_constant_in_the_data_are_left_out_of_the_pairs() -> None:
 
 
 def test_report_puts_the_patient_table_first_and_labels_within_patient() -> None:
-    rows = [_row("C2", "cmrcnet-x", 0, 0.3, protocol="within"), _row("B4", "cmrcnet-x", 0, 0.2)]
+    rows = [_row("C2", "cmrcnet-x", 0, 0.3, protocol="within_patient"), _row("B4", "cmrcnet-x", 0, 0.2)]
     rec = {"quick": False, "complete": True, "command": "x", "commit": "abc", "machine": {"cpu": "cpu", "torch": "t"},
            "wall_seconds": 1.0, "markers": ["ERBB2"], "k_grid": [5], "runs": rows,
            "summary": stats.summarise(rows)}
@@ -127,14 +127,14 @@ def test_baselines_and_their_k_read_training_spots_only() -> None:
 
 # ---------------------------------------------------------------------- no test patient in a fold
 def test_patient_folds_keep_the_test_patient_out_of_everything() -> None:
-    folds = plan.folds(["patient", "within"])
+    folds = plan.folds(["patient", "within_patient"])
     patient_folds = [f for f in folds if f["protocol"] == "patient"]
     assert {tuple(f["tests"]) for f in patient_folds} == {("B4", plan.DEGRADED), plan.C_IMAGED}
     for f in patient_folds:
         test_patients = {plan.patient_of(t) for t in f["tests"]}
         for role in ("train", "pretrain_slides", "extra_bank"):
             assert not {plan.patient_of(s) for s in f[role]} & test_patients, (f["name"], role)
-    within = [f for f in folds if f["protocol"] == "within"]
+    within = [f for f in folds if f["protocol"] == "within_patient"]
     assert len(within) == 5 and all(f["tests"][0] not in f["train"] for f in within)
     assert plan.row_protocol(patient_folds[0], plan.DEGRADED) == "patient-degraded"
 
@@ -145,4 +145,4 @@ def test_a_leaky_fold_is_refused() -> None:
     with pytest.raises(ValueError, match="test patient in extra_bank"):
         plan.check_no_leak(leaky)
     with pytest.raises(ValueError, match="test sections"):
-        plan.check_no_leak({**leaky, "protocol": "within", "extra_bank": [], "train": ["B4"]})
+        plan.check_no_leak({**leaky, "protocol": "within_patient", "extra_bank": [], "train": ["B4"]})

@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--her2st", type=Path, default=HERE.parent.parent / "shared" / "data" / "her2st")
     ap.add_argument("--work", type=Path, default=Path("/tmp/cmrcnet_her2st_accuracy"))
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--protocols", default="patient,within")
+    ap.add_argument("--protocols", default="patient,within_patient")
     ap.add_argument("--variants", default=",".join(M.DEFAULT_VARIANTS))
     ap.add_argument("--folds", help="only these folds (comma-separated names, e.g. patient-test-B)")
     ap.add_argument("--merge", nargs="+", type=Path, help="combine result JSON files of earlier runs and exit")
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
            "command": " ".join(["python", "benchmarks/her2st_accuracy.py", *map(shlex.quote, sys.argv[1:])]),
            "commit": git_commit(), "src_uncommitted_changes": runner.git_dirty(), "machine": machine_info(),
            "seeds": seeds, "markers": M.MARKERS, "k_grid": list(K_GRID), "pretrain_recipe": M.PRETRAIN,
-           "variants": {v: {**M.VARIANTS[v].__dict__} for v in variants}, "folds": plan, "encoders": encoders}
+           "variants": {v: {**M.VARIANTS[v].__dict__} for v in variants}, "folds": plan, "encoders": encoders,
+           "protocol_titles": P.PROTOCOL_TITLES}
     for seed in seeds:  # seed-major: a run cut short still covers every fold
         for fold in plan:
             rows += run_fold(fold, seed, variants, args, work, ds, cache, encoders,

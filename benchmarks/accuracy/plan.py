@@ -19,7 +19,7 @@ PROTOCOL_TITLES = {
     "patient": "Held-out patient (no test patient in training, bank, gene selection, standardisation or "
                "pretraining)",
     "patient-degraded": "Held-out patient, B4 degraded to ~3.4 um/px, re-coloured, black background",
-    "within": "within-patient (same patient in training): leave-one-section-out over C2-C6",
+    "within_patient": "within-patient (same patient in training): leave-one-section-out over C2-C6",
 }
 
 
@@ -46,10 +46,10 @@ def folds(protocols: list[str], *, quick: bool = False) -> list[dict]:
             out.append({"protocol": "patient", "name": "patient-test-C", "tests": list(C_IMAGED),
                         "train": list(B_IMAGED), "pretrain_slides": list(B_IMAGED),
                         "extra_bank": extra_bank_for("C")})
-    if "within" in protocols and not quick:
+    if "within_patient" in protocols and not quick:
         for test in C_IMAGED:
             train = [s for s in C_IMAGED if s != test]
-            out.append({"protocol": "within", "name": f"within-test-{test}", "tests": [test], "train": train,
+            out.append({"protocol": "within_patient", "name": f"within-test-{test}", "tests": [test], "train": train,
                         "pretrain_slides": train, "extra_bank": []})
     for fold in out:
         check_no_leak(fold)

@@ -7,7 +7,7 @@ from collections import Counter
 from .plan import PROTOCOL_TITLES
 from .stats import is_baseline
 
-ORDER = ("patient", "patient-degraded", "within")
+ORDER = ("patient", "patient-degraded", "within_patient")
 COLUMNS = (("pcc_heg50", "HEG-50 PCC"), ("pcc_hvg50", "HVG-50 PCC"), ("pcc_markers", "markers PCC"),
            ("spotwise_pcc", "spot-wise PCC"), ("n_constant", "genes constant in pred."),
            ("pcc_heg50_excl_constant", "HEG-50, constant excluded"))
