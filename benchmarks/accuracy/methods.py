@@ -43,6 +43,7 @@ VARIANTS: dict[str, Variant] = {
     "regression-ssl+hc": Variant("regression", "ssl", True, True, FROZEN_EPOCHS, lr=FROZEN_LR),
     "cmrcnet-rand+hc": Variant("cmrcnet", "random", True, True, FROZEN_EPOCHS, lr=FROZEN_LR),
     "bleep-rand+hc": Variant("bleep", "random", True, True, FROZEN_EPOCHS, lr=FROZEN_LR),
+    "regression-rand+hc": Variant("regression", "random", True, True, FROZEN_EPOCHS, lr=FROZEN_LR),
     "cmrcnet-cpu30": Variant("cmrcnet", "none", False, False, 30,
                              note="today's `cmrcnet train` default: cpu ViT end to end, 30 epochs, lr 1e-4"),
     "cmrcnet-scratch-cpu12": Variant("cmrcnet", "none", False, False, 12,
