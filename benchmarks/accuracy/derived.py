@@ -95,6 +95,7 @@ def derived_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict],
         out.append(_smoothed_row(pred, r["method"], r["seed"], fold, r["test"], ds, eval_dir, make_row))
         if r["seed"] is not None:
             groups.setdefault((r["fold"], r["test"], r["method"]), []).append(pred)
+    out += stain_rows(work, ds, rows, folds, variants, make_row)
     for (fold_name, test, method), preds in groups.items():
         if len(preds) < 2:
             continue
@@ -106,6 +107,56 @@ def derived_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict],
                             runner.evaluate_row(ens, ds, eval_dir), derived=f"mean over {len(preds)} seeds"))
         out.append(_smoothed_row(ens, f"{method}-ens", f"ens{len(preds)}", fold, test, ds,
                                  Path(f"{eval_dir}+smooth"), make_row))
+    return out
+
+
+def stain_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], variants: list[str],
+               make_row) -> list[dict]:
+    """`<method>+stain` rows on the folds holding the degraded copy: test patches colour-normalised (slide-level
+    Reinhard, cmrcnet.data.stain) to the fold's training patches before prediction; baselines likewise."""
+    from cmrcnet.data.stain import lab_stats
+
+    from .main import baseline_predictions
+    from .plan import DEGRADED
+
+    out = []
+    for name, fold in folds.items():
+        if DEGRADED not in fold["tests"]:
+            continue
+        mine = [r for r in rows if r["fold"] == name and r["method"] != "mean"]
+        if not mine:
+            continue
+        train_imgs = load_spot_table(runner.PreparedDataset(ds), fold["train"], None, img_size=224, target_sum=1e4,
+                                     progress=False)
+        target = lab_stats(train_imgs.images.numpy())
+        for r in [r for r in mine if isinstance(r["seed"], int)]:
+            variant, suffix = _base(r["method"])
+            rdir = work / "runs" / name / f"{variant}-seed{r['seed']}"
+            trained = load_trained_model(rdir)
+            bank = None
+            if VARIANTS[variant].method != "regression":
+                bank = load_bank(rdir, trained)
+                if suffix:
+                    bank = merge_banks(bank, build_bank(trained, runner.PreparedDataset(ds), fold["extra_bank"],
+                                                        allow_missing_genes=True, progress=False))
+            pred = predict_spots(trained, bank, ds, [r["test"]], None, k=r["k"], progress=False, stain_target=target)
+            out.append(make_row(fold, r["test"], f"{r['method']}+stain", r["seed"],
+                                runner.evaluate_row(pred, ds, rdir / f"eval_{r['test']}{suffix}+stain"),
+                                k=r["k"], derived="test patches colour-normalised to the training patches"))
+        base = [r for r in mine if r["seed"] is None]
+        if base:
+            seed = min(r["seed"] for r in mine if isinstance(r["seed"], int))
+            refs = {t: ad.read_h5ad(prediction_path(work, next(r for r in mine if r["seed"] == seed and r["test"] == t)))
+                    for t in fold["tests"]}
+            train = load_spot_table(runner.PreparedDataset(ds), fold["train"], refs[fold["tests"][0]].var_names.tolist(),
+                                    img_size=224, target_sum=1e4, progress=False)
+            for (test, method), (pred, info) in baseline_predictions(
+                    fold, train, refs, variants, seed, work / "runs" / name, ds, stain_target=target).items():
+                if method == "mean":
+                    continue
+                out.append(make_row(fold, test, f"{method}+stain", None,
+                                    runner.evaluate_row(pred, ds, work / "runs" / name / f"eval_{method}_{test}+stain"),
+                                    k=info.get("k"), derived="test patches colour-normalised to the training patches"))
     return out
 
 

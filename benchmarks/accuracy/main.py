@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cmrcnet.atomic import write_json, write_text
 from cmrcnet.data.spots import load_spot_table, resize_uint8
@@ -178,12 +179,18 @@ def _resized(table, size: int):
 
 
 def baseline_predictions(fold: dict, train, refs: dict, variants: list[str], seed: int, fold_dir: Path,
-                         ds: Path) -> dict[tuple[str, str], tuple]:
+                         ds: Path, stain_target=None) -> dict[tuple[str, str], tuple]:
     """{(test, method): (prediction AnnData, info)} of mean, kNN on handcrafted features, and kNN + ridge on each
-    frozen variant's features (training spots only; deterministic given the frozen encoder)."""
+    frozen variant's features (training spots only; deterministic given the frozen encoder). `stain_target`:
+    test patches colour-normalised to it first (cmrcnet.data.stain)."""
+    from cmrcnet.data.stain import normalise_to
+
     data = runner.PreparedDataset(ds)
     tests = {t: load_spot_table(data, [t], None, img_size=224, target_sum=1e4, progress=False)
-             for t in fold["tests"]}
+             for t in refs}
+    if stain_target is not None:
+        for table in tests.values():
+            table.images[:] = torch.from_numpy(normalise_to(table.images.numpy(), stain_target))
     for t, table in tests.items():
         assert table.keys() == list(refs[t].obs_names), "spot order differs from the reference prediction"
     feats = {"handcrafted": (M.handcrafted(train), {t: M.handcrafted(x) for t, x in tests.items()})}

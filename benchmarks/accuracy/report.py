@@ -68,10 +68,10 @@ def split_name(method: str) -> tuple[str, str, str]:
     """("cmrcnet", "ssl+hc", "+bank-ens+smooth") from "cmrcnet-ssl+hc+bank-ens+smooth"."""
     head, _, rest = method.partition("-")
     mods = ""
-    for mod in ("+smooth", "-ens", "+bank"):
+    for mod in ("+stain", "+smooth", "-ens", "+bank"):
         if rest.endswith(mod):
             rest, mods = rest[: -len(mod)], mod + mods
-    for mod in ("+smooth", "-ens", "+bank"):  # a second pass for combinations
+    for mod in ("+stain", "+smooth", "-ens", "+bank"):  # a second pass for combinations
         if rest.endswith(mod):
             rest, mods = rest[: -len(mod)], mod + mods
     return head, rest, mods

@@ -150,3 +150,23 @@ def test_predicting_an_expression_only_sample_is_an_error(trained: tuple[Path, P
     ds, run = trained
     with pytest.raises(ConfigError, match="no image"):
         predict_samples(run, ds, ["exprOnly"], tmp_path / "x.h5ad", progress=False)
+
+
+def test_stain_target_recolours_the_test_patches_before_embedding(trained: tuple[Path, Path]) -> None:
+    """predict_spots(stain_target=...) maps the test sample's colours onto the target: a target equal to the
+    sample's own statistics changes the predictions hardly at all, a far-off target changes them."""
+    from cmrcnet.data.spots import load_spot_table
+    from cmrcnet.data.stain import LabStats, lab_stats
+    from cmrcnet.inference.predict import predict_spots
+
+    ds, run = trained
+    model = load_trained_model(run)
+    bank = load_bank(run, model)
+    own = lab_stats(load_spot_table(PreparedDataset(ds), ["synS3"], None, img_size=32, target_sum=1e4,
+                                    progress=False).images.numpy())
+    plain = predict_spots(model, bank, ds, ["synS3"], progress=False, precision="fp32")
+    same = predict_spots(model, bank, ds, ["synS3"], progress=False, precision="fp32", stain_target=own)
+    far = predict_spots(model, bank, ds, ["synS3"], progress=False, precision="fp32",
+                        stain_target=LabStats([own.mean[0] * 0.6, own.mean[1] + 30, own.mean[2] - 30], own.std, 1))
+    assert np.abs(np.asarray(same.X) - np.asarray(plain.X)).mean() < np.abs(np.asarray(far.X) - np.asarray(plain.X)).mean()
+    assert not np.allclose(np.asarray(far.X), np.asarray(plain.X))

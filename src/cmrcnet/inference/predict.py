@@ -17,6 +17,7 @@ from cmrcnet.atomic import atomic_path
 from cmrcnet.constants import CMRCNET_UNS, SAMPLE_KEY, SPATIAL_KEY
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.spots import load_spot_table
+from cmrcnet.data.stain import LabStats, normalise_to
 from cmrcnet.errors import ConfigError
 from cmrcnet.inference.bank import Bank, load_bank
 from cmrcnet.inference.confidence import (
@@ -217,6 +218,15 @@ def predict_samples(
     )
 
 
+def _normalise_stain(table, target: LabStats) -> None:
+    """Map each sample's patches (in place) onto `target` with slide-level Reinhard statistics."""
+    ids = np.asarray(table.sample_ids)
+    for sid in dict.fromkeys(table.sample_ids):
+        rows = torch.from_numpy(np.flatnonzero(ids == sid))
+        table.images[rows] = torch.from_numpy(normalise_to(table.images[rows].numpy(), target))
+    logger.info("patches colour-normalised (Reinhard, slide level) to the given target")
+
+
 def predict_spots(
     trained: TrainedModel,
     bank: Bank | None,
@@ -230,8 +240,12 @@ def predict_spots(
     batch_size: int = 128,
     precision: str = "auto",
     progress: bool = True,
+    stain_target: LabStats | None = None,
 ) -> ad.AnnData:
     """`predict_samples` for a model already loaded (and its bank; None for the regression method).
+
+    `stain_target`: colour statistics to map each sample's patches onto before embedding (slide-level Reinhard,
+    `cmrcnet.data.stain`), e.g. those of the training patches for a slide from another scanner; None: as is.
 
     Writes X (spots x genes), obs "sample_id", "barcode", "library_id", obsm "spatial", uns "spatial" and
     uns "cmrcnet" (provenance). Retrieval methods also write obs "retrieval_similarity" and "neighbour_spread"
@@ -260,6 +274,8 @@ def predict_spots(
         target_sum=rcfg.genes.target_sum,
         progress=progress,
     )
+    if stain_target is not None:
+        _normalise_stain(table, stain_target)
     regression = trained.model_config.method == "regression"
     emb = embed_patches(
         trained,

@@ -1,0 +1,65 @@
+"""Slide-level Reinhard colour normalisation (cmrcnet.data.stain)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmrcnet.data.stain import (
+    LabStats,
+    lab_stats,
+    load_stain_reference,
+    normalise_to,
+    reinhard,
+    save_stain_reference,
+)
+from cmrcnet.errors import ConfigError, InputFileError
+
+
+def _patches(rgb: tuple[int, int, int], seed: int, n: int = 6) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = np.array(rgb, dtype=np.float64)
+    noise = rng.normal(0, 18, size=(n, 16, 16, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)  # (n, 16, 16, 3) tissue-like colours
+
+
+def test_a_slide_is_mapped_onto_the_target_statistics() -> None:
+    target = lab_stats(_patches((200, 120, 170), seed=0))  # pink H&E-like
+    source = _patches((120, 150, 190), seed=1)  # bluish, another stain balance
+    out = normalise_to(source, target)
+    assert out.dtype == np.uint8 and out.shape == source.shape
+    got = lab_stats(out)
+    np.testing.assert_allclose(got.mean, target.mean, atol=2.0)
+    np.testing.assert_allclose(got.std, target.std, rtol=0.15, atol=1.5)
+
+
+def test_same_statistics_change_nothing_but_rounding() -> None:
+    images = _patches((190, 110, 160), seed=2)
+    stats = lab_stats(images)
+    out = reinhard(images, stats, stats)
+    assert np.abs(out.astype(int) - images.astype(int)).max() <= 2
+
+
+def test_black_background_becomes_white_and_white_stays() -> None:
+    images = _patches((190, 110, 160), seed=3)
+    images[:, :4] = 0  # black export background
+    images[:, -4:] = 255  # white glass
+    out = normalise_to(images, lab_stats(_patches((200, 120, 170), seed=0)))
+    assert (out[:, :4] >= 250).all() and (out[:, -4:] >= 250).all()
+
+
+def test_errors_and_the_reference_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="uint8"):
+        reinhard(np.zeros((1, 4, 4, 3), dtype=np.float32), LabStats([0] * 3, [1] * 3, 1), LabStats([0] * 3, [1] * 3, 1))
+    with pytest.raises(ConfigError, match="tissue pixels"):
+        lab_stats(np.full((2, 8, 8, 3), 255, dtype=np.uint8))  # only white background
+    stats = lab_stats(_patches((200, 120, 170), seed=0))
+    path = save_stain_reference(stats, tmp_path / "stain_reference.json")
+    assert load_stain_reference(path) == stats
+    with pytest.raises(InputFileError, match="no stain reference"):
+        load_stain_reference(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('{"format": "other"}')
+    with pytest.raises(InputFileError, match="not a cmrcnet stain reference"):
+        load_stain_reference(tmp_path / "bad.json")
