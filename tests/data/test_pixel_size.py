@@ -100,13 +100,13 @@ def test_resolve_priority(caplog, tmp_path):
 def test_resolve_rejects_bad_values(tmp_path):
     px, arr = square_grid(4, 4, pitch_px=100.0)
     common = {"coords_px": px, "array_coords": arr, "path": tmp_path / "meta.json"}
-    with pytest.raises(ConfigError, match="--pixel-size must be a positive"):
+    with pytest.raises(ConfigError, match="pixel_size_um= must be a positive"):
         resolve_pixel_size(metadata_um=None, user_um=-1.0, pitch_um=200.0, **common)
     with pytest.raises(InputFileError, match=r"meta\.json: pixel size in the metadata"):
         resolve_pixel_size(metadata_um=0.0, user_um=None, pitch_um=200.0, **common)
-    with pytest.raises(InputFileError, match="pass --pixel-size"):
+    with pytest.raises(InputFileError, match="pass pixel_size_um="):
         resolve_pixel_size(metadata_um=None, user_um=None, pitch_um=None, **common)
-    with pytest.raises(InputFileError, match=r"at least 2 spots.*pass --pixel-size"):
+    with pytest.raises(InputFileError, match=r"at least 2 spots.*pass pixel_size_um="):
         resolve_pixel_size(
             metadata_um=None, user_um=None, pitch_um=200.0, coords_px=px[:1], array_coords=None, path="x"
         )

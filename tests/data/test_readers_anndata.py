@@ -93,7 +93,7 @@ def test_pixel_size_sources(tmp_path):
 
 def test_unknown_technology_needs_pixel_size(tmp_path):
     visium_like().write_h5ad(tmp_path / "u.h5ad")
-    with pytest.raises(InputFileError, match=r"u\.h5ad: no pixel size .* pass --pixel-size"):
+    with pytest.raises(InputFileError, match=r"u\.h5ad: no pixel size .* pass pixel_size_um="):
         read_anndata(tmp_path / "u.h5ad")
     assert read_sample("anndata", input=tmp_path / "u.h5ad", pixel_size_um=0.5).pixel_size_source == "user"
     with pytest.raises(ConfigError, match="unknown technology"):

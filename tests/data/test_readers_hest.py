@@ -109,7 +109,7 @@ def test_pixel_size_estimated_when_metadata_has_none(tmp_path):
         tmp_path,
         meta={"pixel_size_um_estimated": None, "pixel_size_um_embedded": None, "st_technology": "Xenium"},
     )
-    with pytest.raises(InputFileError, match=r"TENX00\.json: no pixel size .* pass --pixel-size"):
+    with pytest.raises(InputFileError, match=r"TENX00\.json: no pixel size .* pass pixel_size_um="):
         read_hest(root, sample_id=SID)
 
 
@@ -135,7 +135,7 @@ def test_missing_files(tmp_path):
     with pytest.raises(InputFileError, match=r"patches/TENX99\.h5: HEST patch file not found"):
         read_hest_patches(root, "TENX99")
     (root / "metadata" / f"{SID}.json").unlink()
-    with pytest.raises(InputFileError, match=r"TENX00\.json: HEST metadata not found .* --pixel-size"):
+    with pytest.raises(InputFileError, match=r"TENX00\.json: HEST metadata not found .* pixel_size_um="):
         read_hest(root, sample_id=SID)
     assert read_hest(root, sample_id=SID, pixel_size_um=0.5).patient_id == SID
 

@@ -149,7 +149,7 @@ def test_second_train_into_the_same_folder_needs_resume(
 ) -> None:
     run_dir, _ = trained
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.suffix in (".yaml", ".json", ".csv")}
-    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+    with pytest.raises(ConfigError, match="already holds a run; pass resume=True"):
         train_tiny(run_dir, tiny_run_config(epochs=1))
     assert {name: (run_dir / name).read_bytes() for name in before} == before
 

@@ -3,7 +3,8 @@ module (`data_commands`, `train_commands`, `predict_commands`, `slide_commands`)
 the public API (`cmrcnet.api`).
 
 User errors (CmrcnetError) print one line naming the file and the problem and exit with code 2; `--debug`
-shows the traceback instead.
+shows the traceback instead. The library names its Python parameters (``pixel_size_um=``); errors and log lines
+name the command's flags instead (``--pixel-size``, `cmrcnet.cli._common.PARAM_TO_FLAG`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from cmrcnet import __version__
-from cmrcnet.cli._common import _Parser
+from cmrcnet.cli._common import FlagNamesFormatter, _Parser, error_line
 from cmrcnet.cli.data_commands import _add_demo, _add_prepare
 from cmrcnet.cli.encoder_commands import _add_encoders
 from cmrcnet.cli.predict_commands import _add_bank, _add_cv, _add_evaluate, _add_predict
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(FlagNamesFormatter("%(levelname)s %(name)s: %(message)s", args.command))
     root = logging.getLogger("cmrcnet")
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CmrcnetError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"cmrcnet {args.command}: error: {exc}", file=sys.stderr)
+        print(f"cmrcnet {args.command}: error: {error_line(exc, args.command)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"cmrcnet {args.command}: interrupted", file=sys.stderr)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 
+from cmrcnet.errors import CmrcnetError
 from cmrcnet.runtime import PRECISION_CHOICES
 
 
@@ -49,3 +52,68 @@ def _id_list(text: str) -> list[str]:
     if not ids:
         raise argparse.ArgumentTypeError("expected a comma-separated list of ids")
     return ids
+
+
+# Library messages name Python parameters as `name=` (e.g. "pass pixel_size_um=", "pass resume=True",
+# "device='cuda' requested"); the CLI prints its flags instead. This table is the one place that knows which
+# flag sets which parameter; COMMAND_PARAM_TO_FLAG holds the commands where a parameter has another flag.
+PARAM_TO_FLAG: dict[str, str] = {
+    "allow_missing_genes": "--allow-missing-genes",
+    "config": "--config",
+    "device": "--device",
+    "encoder": "--encoder",
+    "encoder_weights": "--encoder-weights",
+    "epochs": "--epochs",
+    "include_genes": "--include-genes",
+    "include_test_slides": "--include-test-slides",
+    "markers": "--markers",
+    "max_distance_px": "--max-distance",
+    "out": "--out",
+    "out_dir": "--out",
+    "pixel_size_um": "--pixel-size",
+    "protocol": "--protocol",
+    "resume": "--resume",
+    "run_dir": "--model",  # the trained run a command reads
+    "samples": "--samples",
+    "seeds": "--seeds",
+}
+COMMAND_PARAM_TO_FLAG: dict[str, dict[str, str]] = {"train": {"run_dir": "--out"}}  # the run it writes
+
+# `name=` then: True (a switch: the flag alone), a quoted value, a bare value, or nothing
+_PARAM_RE = re.compile(
+    r"(?<![\w./\\-])(?P<name>" + "|".join(sorted(PARAM_TO_FLAG, key=len, reverse=True)) + r")="
+    r"(?:(?P<true>True)\b|(?P<q>['\"])(?P<quoted>[^'\"]*)(?P=q)|(?P<bare>[^\s'\",;()\[\]]+))?"
+)
+_PLAIN_VALUE = re.compile(r"[\w.,:/+-]+")
+
+
+def flag_names(message: str, command: str | None = None) -> str:
+    """`message` with the library's parameter names (`name=VALUE`) replaced by `command`'s flags
+    (`--flag VALUE`), e.g. "pass pixel_size_um=" -> "pass --pixel-size", "protocol='paper'" -> "--protocol paper"."""
+    flags = {**PARAM_TO_FLAG, **COMMAND_PARAM_TO_FLAG.get(command or "", {})}
+
+    def flag(m: re.Match[str]) -> str:
+        name = flags[m["name"]]
+        if m["quoted"] is not None:
+            plain = _PLAIN_VALUE.fullmatch(m["quoted"])
+            return f"{name} {m['quoted'] if plain else m['q'] + m['quoted'] + m['q']}"
+        return f"{name} {m['bare']}" if m["bare"] else name
+
+    return _PARAM_RE.sub(flag, message)
+
+
+def error_line(exc: CmrcnetError, command: str | None) -> str:
+    """A library error as the CLI prints it: its file, then its problem in `command`'s flags."""
+    problem = flag_names(exc.problem, command)
+    return problem if exc.path is None else f"{exc.path}: {problem}"
+
+
+class FlagNamesFormatter(logging.Formatter):
+    """Log lines with the library's parameter names replaced by `command`'s flags (`flag_names`)."""
+
+    def __init__(self, fmt: str, command: str | None) -> None:
+        super().__init__(fmt)
+        self.command = command
+
+    def format(self, record: logging.LogRecord) -> str:
+        return flag_names(super().format(record), self.command)

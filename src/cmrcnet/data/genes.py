@@ -122,7 +122,7 @@ def expression_matrix(
     if missing and not allow_missing:
         raise InputFileError(
             f"{len(missing)} of the model's {len(genes)} genes are missing from this sample "
-            f"(first: {missing[:5]}); pass --allow-missing-genes to fill them with zeros",
+            f"(first: {missing[:5]}); pass allow_missing_genes=True to fill them with zeros",
             path=source,
         )
     keep = [g for g in genes if g in present]

@@ -106,7 +106,7 @@ def resolve_pixel_size(
 
     Args:
         metadata_um: pixel size recorded in the input files (None or NaN when absent).
-        user_um: pixel size given by the user (`--pixel-size`); overrides the metadata.
+        user_um: pixel size given by the user (`pixel_size_um`); overrides the metadata.
         coords_px, array_coords, grid: spot centres and grid for `estimate_pixel_size`.
         pitch_um: the technology's spot pitch, or None when unknown (then an estimate is impossible).
         path: the file named in error messages.
@@ -119,7 +119,7 @@ def resolve_pixel_size(
     if user_um is not None:
         if not _positive_finite(user_um):
             raise ConfigError(
-                f"--pixel-size must be a positive number of micrometres per pixel, got {user_um}"
+                f"pixel_size_um= must be a positive number of micrometres per pixel, got {user_um}"
             )
         user_um = float(user_um)
     if metadata_um is not None and _is_nan(metadata_um):
@@ -134,8 +134,8 @@ def resolve_pixel_size(
     if user_um is not None:
         if metadata_um is not None and abs(user_um - metadata_um) > _DISAGREE_REL * metadata_um:
             logger.warning(
-                "%s: --pixel-size %.4f um/px differs from the file's metadata (%.4f um/px) by more than %d%%; "
-                "using --pixel-size",
+                "%s: pixel_size_um=%.4f um/px differs from the file's metadata (%.4f um/px) by more than %d%%; "
+                "using pixel_size_um=",
                 path,
                 user_um,
                 metadata_um,
@@ -150,14 +150,14 @@ def resolve_pixel_size(
         return float(estimate_um), "estimated"
     if pitch_um is None:
         raise InputFileError(
-            "no pixel size in the file and the technology (hence the spot pitch) is unknown; pass --pixel-size "
+            "no pixel size in the file and the technology (hence the spot pitch) is unknown; pass pixel_size_um= "
             "(micrometres per full-resolution pixel) or the technology",
             path=path,
         )
     try:
         um = estimate_pixel_size(coords_px, pitch_um=pitch_um, array_coords=array_coords, grid=grid)
     except CmrcnetError as exc:
-        raise InputFileError(f"{exc.problem}; pass --pixel-size", path=path) from exc
+        raise InputFileError(f"{exc.problem}; pass pixel_size_um=", path=path) from exc
     logger.info("%s: estimated pixel size %.4f um/px from the spot grid (pitch %.0f um)", path, um, pitch_um)
     return um, "estimated"
 

@@ -195,7 +195,7 @@ def resolve_slide_pixel_size(reader: SlideReader, user_um: float | None) -> tupl
             raise ConfigError(f"pixel size must be a positive number of micrometres, got {user_um}")
         if meta is not None and abs(user_um - meta) > 0.05 * meta:
             logger.warning(
-                "%s: --pixel-size %.4g um differs from the slide's %s %.4g um; using --pixel-size",
+                "%s: pixel_size_um=%.4g um differs from the slide's %s %.4g um; using pixel_size_um=",
                 reader.path,
                 user_um,
                 reader.pixel_size_source,
@@ -204,7 +204,7 @@ def resolve_slide_pixel_size(reader: SlideReader, user_um: float | None) -> tupl
         return float(user_um), "user"
     if meta is None:
         raise ConfigError(
-            "the slide records no pixel size; give --pixel-size UM (micrometres per full-resolution pixel)",
+            "the slide records no pixel size; give pixel_size_um= (micrometres per full-resolution pixel)",
             path=reader.path,
         )
     return float(meta), reader.pixel_size_source

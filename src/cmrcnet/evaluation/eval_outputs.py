@@ -14,7 +14,8 @@ from cmrcnet.data.dataset import PreparedDataset
 N_MAP_GENES = 3  # genes per best/median/worst map
 MAX_MARKER_MAPS = 12  # marker genes drawn at most
 TRANSDUCTIVE_NOTE = (
-    "TRANSDUCTIVE: the model's image encoder was pretrained with test slides included (--include-test-slides)"
+    "TRANSDUCTIVE: the model's image encoder was pretrained with test slides included (include_test_slides=True, "
+    "`cmrcnet pretrain --include-test-slides`)"
 )
 
 

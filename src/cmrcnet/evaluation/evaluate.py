@@ -224,7 +224,7 @@ def _strict_selection(
     if not selection_samples:
         raise ConfigError(
             "strict protocol needs the model's training samples to choose HEG/HVG, but the prediction lists "
-            f"none outside the evaluated samples (train_samples={train_samples}); use --protocol paper "
+            f"none outside the evaluated samples (train_samples={train_samples}); use protocol='paper' "
             "only to reproduce the paper"
         )
     heg, hvg, missing = training_selection(dataset, selection_samples, genes, info["target_sum"], n_top)

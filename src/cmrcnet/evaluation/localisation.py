@@ -22,7 +22,7 @@ Label conventions (what the code does):
 - **Matching.** Each point takes the score of the nearest predicted centre in Chebyshev distance (max(|dx|, |dy|))
   if that distance is at most half a tile: for a predict-slide prediction half the tile side (the point lies in
   that square tile), for spot predictions half the median distance between neighbouring spots, or
-  ``--max-distance`` pixels. With a sample_id column points are matched within their own sample only; without
+  `max_distance_px` (``--max-distance``) pixels. With a sample_id column points are matched within their own sample only; without
   it the prediction must hold one sample. Each point counts once, so two points in one tile both count (with the
   tile's score).
 """
@@ -166,11 +166,11 @@ def _half_tile(adata: ad.AnnData) -> tuple[float, str]:
         return float(info["fov_px"]) / 2.0, "half the tile side"
     xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
     if len(xy) < 2:
-        raise ConfigError("cannot infer a matching distance from a single spot; give --max-distance")
+        raise ConfigError("cannot infer a matching distance from a single spot; give max_distance_px=")
     dist, _ = cKDTree(xy).query(xy, k=2)
     nearest = dist[:, 1][dist[:, 1] > 0]
     if not nearest.size:
-        raise ConfigError("all spot centres coincide; give --max-distance")
+        raise ConfigError("all spot centres coincide; give max_distance_px=")
     return float(np.median(nearest)) / 2.0, "half the median spot spacing"
 
 

@@ -9,8 +9,8 @@ prediction options. A rerun skips finished slides and redoes the rest (a changed
 not finished). A slide that fails is recorded (OUT/<sample_id>.failed.json, and in the summary) and the batch
 goes on.
 
-Sharding: row i of the manifest belongs to shard i mod N. `--shard K/N` (K = 0..N-1, e.g. SLURM's
-$SLURM_ARRAY_TASK_ID with --array=0-(N-1)) and torchrun (RANK of WORLD_SIZE) combine: the process takes shard
+Sharding: row i of the manifest belongs to shard i mod N. `shard="K/N"` (``--shard K/N``; K = 0..N-1, e.g.
+SLURM's $SLURM_ARRAY_TASK_ID with ``--array=0-(N-1)``) and torchrun (RANK of WORLD_SIZE) combine: the process takes shard
 K * WORLD_SIZE + RANK of N * WORLD_SIZE. No process talks to another; every one writes its own rows, and the
 summary is rebuilt from the per-slide records (OUT/summary.csv, OUT/summary.json) by each process at its end.
 """

@@ -270,7 +270,7 @@ def _genes_to_show(
         raise ConfigError(f"genes {unknown} are not predicted by the model ({len(model_genes)} genes)")
     score_markers = _score_markers(model_genes, markers)
     if threshold is not None and not score_markers:
-        raise ConfigError("a tumour threshold needs marker genes the model predicts (--markers)")
+        raise ConfigError("a tumour threshold needs marker genes the model predicts (markers=)")
     return map_genes, score_markers
 
 

@@ -40,7 +40,7 @@ def tumour_score(
     if not present:
         raise ConfigError(
             f"none of the marker genes {markers} is among the model's {len(genes)} genes; "
-            "give markers the model predicts (--markers), or train with them (--include-genes)"
+            "give markers the model predicts (markers=), or train with them (include_genes=)"
         )
     col = {g: i for i, g in enumerate(genes)}
     x = np.asarray(expr, dtype=np.float64)[:, [col[m] for m in present]]  # (N, M)

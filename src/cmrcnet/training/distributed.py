@@ -61,7 +61,7 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name} requested but CUDA is not available on this machine")
+            raise ConfigError(f"device={name!r} requested but CUDA is not available on this machine")
         if info.enabled:
             torch.cuda.set_device(info.local_rank)
             return torch.device("cuda", info.local_rank)

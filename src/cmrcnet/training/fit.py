@@ -180,7 +180,7 @@ def _resume_state(
         return None, config
     if not resume:
         raise ConfigError(
-            "already holds a run; pass --resume to continue it, or choose another --out", path=run_dir
+            "already holds a run; pass resume=True to continue it, or choose another run_dir=", path=run_dir
         )
     if is_main:
         remove_stale_temporaries(run_dir)
@@ -189,7 +189,7 @@ def _resume_state(
     ckpt = load_checkpoint(run_dir / LAST_CKPT)
     saved = load_run_config(run_dir / CONFIG_FILE)
     if saved.to_dict() != config.to_dict():
-        logger.warning("--resume: using the run's saved config.yaml, not the one given now")
+        logger.warning("resume=True: using the run's saved config.yaml, not the one given now")
     return ckpt, saved
 
 

@@ -101,7 +101,7 @@ class PretrainConfig:
 class SlideSource:
     path: Path
     pixel_size_um: float | None = None  # None: from the slide's metadata
-    test: bool = False  # a test slide (used only with --include-test-slides)
+    test: bool = False  # a test slide (used only with include_test_slides=True)
 
 
 @dataclass
@@ -293,10 +293,10 @@ def pretrain_encoder(
     config.validate()
     out = Path(out_dir)
     if (out / ENCODER_JSON).exists():
-        raise ConfigError("already holds a pretrained encoder; choose another --out", path=out)
+        raise ConfigError("already holds a pretrained encoder; choose another out_dir=", path=out)
     tests = [s for s in slides if s.test]
     if tests and not include_test_slides:
-        logger.info("leaving out %d test slide(s) (pass --include-test-slides to use them)", len(tests))
+        logger.info("leaving out %d test slide(s) (pass include_test_slides=True to use them)", len(tests))
         slides = [s for s in slides if not s.test]
     if not slides:
         raise ConfigError("no slides to pretrain on")
@@ -444,12 +444,12 @@ def configure_encoder(cfg, spec: str | None, weights: str | Path | None = None) 
             cfg.encoder_weights = str(path.resolve())
         else:
             raise ConfigError(
-                f"--encoder {spec!r} is neither an encoder architecture ({', '.join(sorted(ARCHITECTURES))}) nor "
+                f"encoder={spec!r} is neither an encoder architecture ({', '.join(sorted(ARCHITECTURES))}) nor "
                 "a folder written by `cmrcnet pretrain`"
             )
     if weights:
         if cfg.encoder_weights:
-            raise ConfigError("give pretrained weights either as an encoder folder or as --encoder-weights")
+            raise ConfigError("give pretrained weights either as an encoder folder or as encoder_weights=")
         path = Path(weights)
         if not path.exists():
             raise InputFileError("encoder weights file not found", path=path)
@@ -467,8 +467,8 @@ def _configure_foundation(cfg, weights: str | Path | None) -> None:
         return
     if not weights:
         raise ConfigError(
-            f"--encoder {spec.name} needs its weights: download {spec.weights_file} from {spec.weights_url} "
-            f"({spec.licence}) and pass it as --encoder-weights"
+            f"encoder={spec.name!r} needs its weights: download {spec.weights_file} from {spec.weights_url} "
+            f"({spec.licence}) and pass it as encoder_weights="
         )
     cfg.encoder_weights = str(check_weights_file(spec, weights).resolve())
     cfg.model["freeze_encoder"] = True

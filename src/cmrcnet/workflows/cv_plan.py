@@ -91,7 +91,7 @@ def parse_seeds(spec: str | Sequence[int]) -> list[int]:
             raise ConfigError(f"seeds must be >= 0, got {value}")
         seeds.append(value)
     if not seeds:
-        raise ConfigError("no seed given (e.g. --seeds 0,1,2)")
+        raise ConfigError("no seed given (e.g. seeds='0,1,2')")
     return list(dict.fromkeys(seeds))
 
 
@@ -130,7 +130,7 @@ def plan_folds(
         if no_image:
             raise ConfigError(
                 f"cross-validation samples need images; {no_image} are expression-only "
-                "(leave them out of --samples)"
+                "(leave them out of samples=)"
             )
     patients = {s: dataset.patient(s) for s in ids}
     folds = make_folds(ids, patients, kind=split, k=k, seed=split_seed)  # type: ignore[arg-type]
@@ -160,7 +160,7 @@ def check_same_plan(path: Path, plan: dict[str, Any]) -> None:
     if differ:
         raise ConfigError(
             f"{path.parent} holds a different cross-validation ({', '.join(differ)} differ from the "
-            "options given now); use the original options to resume it, or choose another --out"
+            "options given now); use the original options to resume it, or choose another out="
         )
 
 
@@ -184,7 +184,7 @@ def check_saved_config(run: CvRun, cfg: RunConfig) -> None:
     if differ:
         raise ConfigError(
             f"{run.run_dir} was started with a different configuration ({', '.join(differ)}); use the "
-            "original --config/--epochs to resume this cross-validation, or choose another --out"
+            "original config= and epochs= to resume this cross-validation, or choose another out="
         )
 
 

@@ -67,11 +67,11 @@ def read_hest(
         meta = read_hest_metadata(meta_path)
     elif pixel_size_um is None:
         raise InputFileError(
-            "HEST metadata not found (it holds the pixel size); download it or pass --pixel-size",
+            "HEST metadata not found (it holds the pixel size); download it or pass pixel_size_um=",
             path=meta_path,
         )
     else:
-        logger.warning("%s: no %s; using --pixel-size", sample_id, meta_path)
+        logger.warning("%s: no %s; using pixel_size_um=", sample_id, meta_path)
         meta = {}
     wsi_path = root / WSI_DIR / f"{sample_id}.tif"
     if not wsi_path.is_file():

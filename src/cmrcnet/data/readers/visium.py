@@ -321,7 +321,7 @@ def _pixel_size(
             if from_grid is not None and abs(from_grid - from_diameter) > _ESTIMATES_DISAGREE_REL * from_grid:
                 logger.warning(
                     "%s: pixel size from spot_diameter_fullres (%.4f um/px) and from the spot grid (%.4f um/px) "
-                    "differ; using the former. Pass --pixel-size if you know the true value",
+                    "differ; using the former. Pass pixel_size_um= if you know the true value",
                     sample_id,
                     from_diameter,
                     from_grid,
