@@ -22,6 +22,7 @@ from cmrcnet.errors import InputFileError
 
 PROBE_SECONDS = 30.0  # time limit of the probe for a small file; a healthy one takes milliseconds
 PROBE_BYTES_PER_SECOND = 20e6  # extra time granted to large files (slow network disks)
+_PROBED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of files that passed the probe in this process
 
 
 def probe_hdf5(path: str | Path, what: str = "HDF5 file") -> None:
@@ -33,9 +34,13 @@ def probe_hdf5(path: str | Path, what: str = "HDF5 file") -> None:
         return
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError:
         return  # the caller's read reports a missing or unreadable file
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _PROBED:  # probed already in this process and unchanged since: no second fork
+        return
+    size = st.st_size
     limit = PROBE_SECONDS + size / PROBE_BYTES_PER_SECOND
     pid = os.fork()  # os.fork, not multiprocessing: works inside daemonic worker processes too
     if pid == 0:
@@ -53,6 +58,7 @@ def probe_hdf5(path: str | Path, what: str = "HDF5 file") -> None:
         raise InputFileError(
             f"corrupt {what}: reading its metadata crashed libhdf5 (signal {os.WTERMSIG(status)})", path=path
         )
+    _PROBED.add(key)
 
 
 def _wait(pid: int, limit: float) -> int | None:
