@@ -108,7 +108,7 @@ def run_one(ds: Path, work: Path, variant: str, seed: int, epochs: int) -> dict:
     run = work / f"{variant}_seed{seed}"
     t0 = time.perf_counter()
     with numerics(variant):
-        result = train_run(data_dir=ds, train_samples=TRAIN, out_dir=run, config=cfg, progress=False,
+        result = train_run(data_dir=ds, train_samples=TRAIN, run_dir=run, config=cfg, progress=False,
                            resume=(run / "config.yaml").exists())  # fmt: skip
         pred = predict_samples(run, ds, TEST, run / "pred.h5ad", progress=False)
     seconds = time.perf_counter() - t0

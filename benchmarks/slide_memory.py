@@ -115,7 +115,7 @@ def train_tiny_run(root: Path) -> Path:
         prepare_sample(s, ds, patch_px=32, progress=False)
     cfg = load_run_config("tiny")
     cfg.train.epochs = 1
-    train_run(data_dir=ds, train_samples=["synS1", "synS2"], out_dir=root / "run", config=cfg, progress=False)
+    train_run(data_dir=ds, train_samples=["synS1", "synS2"], run_dir=root / "run", config=cfg, progress=False)
     return root / "run"
 
 

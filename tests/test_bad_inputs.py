@@ -62,7 +62,7 @@ def trained_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
         prepare_sample(s, ds, patch_px=32, progress=False)
     cfg = load_run_config("tiny")
     cfg.train.epochs = 1
-    train_run(data_dir=ds, train_samples=["synS1", "synS2"], out_dir=run, config=cfg, progress=False)
+    train_run(data_dir=ds, train_samples=["synS1", "synS2"], run_dir=run, config=cfg, progress=False)
     genes = json.loads((run / "genes.json").read_text())["genes"]
     few = make_synthetic_samples(config)[2]
     few.counts = few.counts[:, ~few.counts.var_names.isin(genes[:N_DROPPED_GENES])].copy()

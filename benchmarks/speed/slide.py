@@ -34,7 +34,7 @@ def train_preset_run(root: Path, preset: str, patch_px: int) -> tuple[Path, floa
     train_run(
         data_dir=ds,
         train_samples=["synS1", "synS2"],
-        out_dir=root / f"run_{preset}",
+        run_dir=root / f"run_{preset}",
         config=cfg,
         progress=False,
     )

@@ -16,6 +16,10 @@ AnnData conventions of predictions (spots or slide tiles x genes): ``X`` holds p
 normalised) expression, ``obs["sample_id"]`` the sample, ``obs["barcode"]`` the spot (spot predictions),
 ``obsm["spatial"]`` centres (x, y) in full-resolution pixels, and ``uns["cmrcnet"]`` the provenance (run, weights,
 bank samples, k, precision).
+
+Names: an argument that is a trained run folder is called ``run_dir`` everywhere (`train`, `Model.load`,
+`cmrcnet.inference.slide.predict_slide`, ...); ``model`` takes a loaded `Model` or its run folder. Errors name these
+parameters (``pixel_size_um=``); the command line prints its flags instead (``--pixel-size``).
 """
 
 from __future__ import annotations
@@ -210,7 +214,7 @@ class Model:
 def train(
     data: str | Path,
     train_samples: Sequence[str],
-    out: str | Path,
+    run_dir: str | Path | None = None,
     *,
     config: str | Path | RunConfig = "cpu",
     device: str = "cpu",
@@ -228,12 +232,13 @@ def train(
     train_samples
         Training sample ids (with images). Genes are chosen on them only; a seeded 20 % of their spots
         validate.
-    out
-        The run folder: config.yaml, genes, checkpoints, metrics, run.json and bank.pt.
+    run_dir
+        The run folder to write (required): config.yaml, genes, checkpoints, metrics, run.json and bank.pt.
+        Its former keyword ``out=`` still works, with a DeprecationWarning.
     config
         A preset ("cpu", "paper", "tiny"), a YAML file (a run's own config.yaml works) or a RunConfig.
     resume
-        Continue the run in `out` from its last.pt.
+        Continue the run in `run_dir` from its last.pt.
     **overrides
         Single fields: ``epochs``, ``batch_size``, ``lr``, ``seed``, ``precision`` (training), ``method``,
         ``gene_mode`` ("strict"/"paper"), ``n_genes`` (highly variable genes), ``n_expressed_genes`` (highly
@@ -244,22 +249,24 @@ def train(
     Returns
     -------
     Model
-        The trained run, loaded from `out` with its bank; ``model.training`` holds the best epoch, its
+        The trained run, loaded from `run_dir` with its bank; ``model.training`` holds the best epoch, its
         validation loss and the per-epoch history. Under torchrun, processes other than rank 0 get only
         ``run_dir`` and ``training``.
     """
     import copy
 
     from cmrcnet.run.config import RunConfig, load_run_config
+    from cmrcnet.run.layout import one_run_dir
     from cmrcnet.training.distributed import dist_from_env
     from cmrcnet.workflows.train import train_run
 
+    run_dir = one_run_dir(run_dir, overrides.pop("out", None), old_name="out", func="train")
     cfg = copy.deepcopy(config) if isinstance(config, RunConfig) else load_run_config(config)
     apply_overrides(cfg, **overrides)
     result = train_run(
         data_dir=data,
         train_samples=list(train_samples),
-        run_dir=out,
+        run_dir=run_dir,
         config=cfg,
         device=device,
         resume=resume,
@@ -267,8 +274,8 @@ def train(
         command=command,
     )
     if dist_from_env().rank != 0:  # under torchrun only the first process loads the result
-        return Model(Path(out), None, None, result)  # type: ignore[arg-type]
-    model = Model.load(out, device=device)
+        return Model(run_dir, None, None, result)  # type: ignore[arg-type]
+    model = Model.load(run_dir, device=device)
     model.training = result
     return model
 

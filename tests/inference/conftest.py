@@ -23,5 +23,5 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         prepare_sample(s, ds, patch_px=32, progress=False)
     cfg = load_run_config("tiny")
     cfg.train.epochs = 1
-    train_run(data_dir=ds, train_samples=["synS1", "synS2"], out_dir=root / "run", config=cfg, progress=False)
+    train_run(data_dir=ds, train_samples=["synS1", "synS2"], run_dir=root / "run", config=cfg, progress=False)
     return root / "run"

@@ -41,7 +41,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cfg = load_run_config("tiny")
     cfg.train.epochs = 1
     run = root / "run"
-    train_run(data_dir=ds, train_samples=["synS1", "synS2"], out_dir=run, config=cfg, progress=False)
+    train_run(data_dir=ds, train_samples=["synS1", "synS2"], run_dir=run, config=cfg, progress=False)
     return ds, run
 
 

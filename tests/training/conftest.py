@@ -65,7 +65,7 @@ def train_tiny(synthetic_ds: Path) -> Callable[..., TrainResult]:
         return train_run(
             data_dir=synthetic_ds,
             train_samples=TRAIN_SAMPLES,
-            out_dir=out,
+            run_dir=out,
             config=config,
             resume=resume,
             progress=False,

@@ -52,7 +52,7 @@ def uninterrupted(synthetic_ds: Path, tmp_path_factory: pytest.TempPathFactory) 
     cfg.train.epochs = EPOCHS
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
     result = train_run(
-        data_dir=synthetic_ds, train_samples=TRAIN_SAMPLES, out_dir=run_dir, config=cfg, progress=False
+        data_dir=synthetic_ds, train_samples=TRAIN_SAMPLES, run_dir=run_dir, config=cfg, progress=False
     )
     return run_dir, result
 

@@ -64,7 +64,7 @@ def trained(synthetic_ds: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     cfg.train.epochs = EPOCHS
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     result = train_run(
-        data_dir=synthetic_ds, train_samples=TRAIN_SAMPLES, out_dir=run_dir, config=cfg, progress=False
+        data_dir=synthetic_ds, train_samples=TRAIN_SAMPLES, run_dir=run_dir, config=cfg, progress=False
     )
     return run_dir, result
 
@@ -161,7 +161,7 @@ def test_expression_only_training_sample_is_refused(
         train_run(
             data_dir=synthetic_ds,
             train_samples=[TRAIN_SAMPLES[0], EXPRESSION_ONLY],
-            out_dir=tmp_path / "run",
+            run_dir=tmp_path / "run",
             config=tiny_run_config(),
             progress=False,
         )
@@ -234,7 +234,7 @@ def test_auto_precision_is_resolved_recorded_and_kept_auto_in_the_config(
     cfg = load_run_config("tiny")
     cfg.train.epochs, cfg.train.precision = 1, "auto"
     run_dir = tmp_path / "run"
-    train_run(data_dir=synthetic_ds, train_samples=TRAIN_SAMPLES, out_dir=run_dir, config=cfg, progress=False)
+    train_run(data_dir=synthetic_ds, train_samples=TRAIN_SAMPLES, run_dir=run_dir, config=cfg, progress=False)
     recorded = _json(run_dir / RUN_FILE)["precision"]
     assert recorded["requested"] == "auto" and recorded["precision"] == "fp32"
     assert recorded["reason"].startswith("bf16 GEMM 1.0 vs fp32 161.0 GFLOP/s")

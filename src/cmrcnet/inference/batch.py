@@ -148,11 +148,11 @@ def process_shard(shard: tuple[int, int]) -> tuple[int, int]:
     return k * world + rank, n * world
 
 
-def model_fingerprint(model: Path) -> str:
+def model_fingerprint(run_dir: str | Path) -> str:
     """SHA-256 over the run's checkpoint and bank files (whichever exist)."""
     h = hashlib.sha256()
     for name in (BEST_CKPT, LAST_CKPT, BANK_FILE, "config.yaml", "genes.json"):
-        p = Path(model) / name
+        p = Path(run_dir) / name
         if p.is_file():
             h.update(name.encode())
             h.update(file_sha256(p).encode())
@@ -161,7 +161,7 @@ def model_fingerprint(model: Path) -> str:
 
 def predict_slides(
     manifest: str | Path,
-    model: str | Path,
+    run_dir: str | Path,
     out_dir: str | Path,
     *,
     shard: str | tuple[int, int] | None = None,
@@ -181,7 +181,7 @@ def predict_slides(
     mine = [r for r in rows if r.row % n == k]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model_fp = model_fingerprint(Path(model))
+    model_fp = model_fingerprint(run_dir)
     default_um = options.pop("pixel_size_um", None)
     result = BatchResult(out)
     logger.info("predict-slides: shard %d/%d: %d of %d slides -> %s", k, n, len(mine), len(rows), out)
@@ -202,13 +202,13 @@ def predict_slides(
                 continue
             with atomic_dir(dest) as tmp:
                 pred = predict_slide(
-                    model, r.slide, tmp, pixel_size_um=um, sample_id=r.sample_id, progress=progress, **options
+                    run_dir, r.slide, tmp, pixel_size_um=um, sample_id=r.sample_id, progress=progress, **options
                 )
                 stats = {
                     "n_tissue_tiles": pred.stats["n_tissue_tiles"],
                     "tiles_per_second": pred.stats["tiles_per_second"],
                 }
-                write_json(tmp / DONE_FILE, {"fingerprint": fingerprint, "slide": str(r.slide), "model": str(model),
+                write_json(tmp / DONE_FILE, {"fingerprint": fingerprint, "slide": str(r.slide), "model": str(run_dir),
                                              "cmrcnet_version": __version__, **stats})  # fmt: skip
             failed.unlink(missing_ok=True)
             record.update(status="done", seconds=round(time.perf_counter() - t0, 2), **stats)

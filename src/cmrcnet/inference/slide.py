@@ -120,7 +120,7 @@ def default_map_genes(genes: Sequence[str]) -> list[str]:
 
 
 def predict_slide(
-    model: str | Path,
+    run_dir: str | Path,
     slide: str | Path,
     out_dir: str | Path,
     *,
@@ -144,7 +144,7 @@ def predict_slide(
     """Predict log1p expression for every tissue tile of `slide` and write the outputs into `out_dir`.
 
     Args:
-        model: run folder of a trained model (with its reference bank unless the method is regression).
+        run_dir: run folder of a trained model (with its reference bank unless the method is regression).
         slide: WSI (svs, ndpi, mrxs, ... via OpenSlide), OME/plain TIFF, JPEG or PNG.
         out_dir: output folder (created; existing files of the same names are replaced).
         pixel_size_um: micrometres per full-resolution pixel; overrides the slide's metadata, required without.
@@ -166,7 +166,7 @@ def predict_slide(
     _check_options(batch_size=batch_size, min_tissue=min_tissue, step_um=step_um)
     out_dir = Path(out_dir)
     choice = resolve_precision(precision, device)
-    trained = load_trained_model(model, device=device)
+    trained = load_trained_model(run_dir, device=device)
     fov_um = model_fov_um(trained)
     step_um = fov_um if step_um is None else float(step_um)
     model_genes = list(trained.genes)
@@ -178,7 +178,7 @@ def predict_slide(
     with open_slide(slide, reader=reader) as slide_reader:
         sample_id = sample_id or slide_id(slide_reader.path)
         regression = trained.model_config.method == "regression"
-        bank = None if regression else load_bank(model, trained).without_sample(sample_id)
+        bank = None if regression else load_bank(run_dir, trained).without_sample(sample_id)
         layout = lay_tiles(
             slide_reader, trained, pixel_size_um, fov_um, step_um, min_tissue=min_tissue, tissue=tissue
         )
@@ -208,7 +208,7 @@ def predict_slide(
     if conf is not None:
         adata.obs[SIMILARITY_KEY] = conf.similarity
         adata.obs[SPREAD_KEY] = conf.spread
-        reference = load_confidence_reference(model, fingerprint=trained.fingerprint)
+        reference = load_confidence_reference(run_dir, fingerprint=trained.fingerprint)
     stats["confidence"], warning = slide_confidence_summary(conf, reference)
     stats["warnings"] = [warning] if warning else []
     if warning:
@@ -221,7 +221,7 @@ def predict_slide(
             k=k,
             weighting=weighting,
             backend="exact",
-            run_dir=model,
+            run_dir=run_dir,
             precision=choice,
         ),
         **_slide_provenance(layout, sample_id, fov_um, step_um, min_tissue, tissue),
@@ -244,7 +244,7 @@ def predict_slide(
         confidence_map=plots and conf is not None,
     )
     stats["seconds_total"] = round(time.perf_counter() - t_start, 3)
-    files += _write_summary(out_dir, adata, files, layout, model, sample_id, fov_um, step_um, stats)
+    files += _write_summary(out_dir, adata, files, layout, run_dir, sample_id, fov_um, step_um, stats)
     return SlidePrediction(adata, out_dir, files, stats)
 
 
@@ -376,7 +376,7 @@ def _write_summary(
     adata: ad.AnnData,
     files: list[Path],
     layout: SlideLayout,
-    model: str | Path,
+    run_dir: str | Path,
     sample_id: str,
     fov_um: float,
     step_um: float,
@@ -386,7 +386,7 @@ def _write_summary(
     summary = {
         "slide": str(layout.slide_path),
         "sample_id": sample_id,
-        "model": str(model),
+        "model": str(run_dir),
         "pixel_size_um": layout.um_per_px,
         "pixel_size_source": layout.px_source,
         "fov_um": fov_um,

@@ -1,4 +1,12 @@
-"""File names inside a RUN_DIR, defined once for the trainer, the bank and prediction."""
+"""File names inside a RUN_DIR, defined once for the trainer, the bank and prediction, and the one name of the
+run folder argument (`run_dir`)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from cmrcnet.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"  # resolved RunConfig
 MODEL_FILE = "model.json"  # ModelConfig (also stored in every checkpoint)
@@ -13,3 +21,17 @@ LAST_CKPT = "last.pt"  # end of the latest finished epoch (resume point)
 CHECKPOINTS = (BEST_CKPT, LAST_CKPT)  # the checkpoints a run can predict with
 BANK_FILE = "bank.pt"  # reference bank for retrieval
 CONFIDENCE_REFERENCE_FILE = "confidence_reference.json"  # retrieval similarity of the validation spots
+
+
+def one_run_dir(run_dir: str | Path | None, old: str | Path | None, *, old_name: str, func: str) -> Path:
+    """The run folder given as `run_dir`, or by its former keyword `old_name` (with a DeprecationWarning)."""
+    if old is not None:
+        warnings.warn(
+            f"{func}({old_name}=...) is deprecated; pass run_dir=... instead", DeprecationWarning, stacklevel=3
+        )
+        if run_dir is not None and Path(run_dir) != Path(old):
+            raise ConfigError(f"run_dir={str(run_dir)!r} and {old_name}={str(old)!r} differ; give run_dir= only")
+        run_dir = old
+    if run_dir is None:
+        raise ConfigError(f"{func} needs the run folder: give run_dir=")
+    return Path(run_dir)

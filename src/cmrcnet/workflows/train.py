@@ -9,11 +9,10 @@ from typing import Any
 
 from cmrcnet.atomic import write_json
 from cmrcnet.data.dataset import PreparedDataset
-from cmrcnet.errors import ConfigError
 from cmrcnet.inference.bank import build_bank, save_bank
 from cmrcnet.inference.confidence_reference import write_confidence_reference
 from cmrcnet.run.config import RunConfig
-from cmrcnet.run.layout import RUN_FILE
+from cmrcnet.run.layout import RUN_FILE, one_run_dir
 from cmrcnet.run.load import load_trained_model
 from cmrcnet.training.distributed import barrier, dist_from_env, resolve_device
 from cmrcnet.training.fit import fit_run
@@ -48,13 +47,13 @@ def train_run(
     config
         The run's configuration.
     run_dir
-        The run folder to write (`out_dir` is its former name, still accepted).
+        The run folder to write.
     device
         "cpu", "cuda", "cuda:N" or "auto".
     progress
         Show progress bars.
     out_dir
-        Former name of `run_dir`.
+        Former name of `run_dir`: deprecated (DeprecationWarning), still accepted.
     **fit_options
         `resume`, `all_samples_for_paper_genes` and `command`, passed to `cmrcnet.training.fit.fit_run`.
 
@@ -63,7 +62,7 @@ def train_run(
     TrainResult
         The run folder, the best epoch, its validation loss and the per-epoch history.
     """
-    run_dir = Path(_one_run_dir(run_dir, out_dir))
+    run_dir = one_run_dir(run_dir, out_dir, old_name="out_dir", func="train_run")
     result = fit_run(
         data_dir=data_dir,
         train_samples=train_samples,
@@ -87,15 +86,6 @@ def train_run(
         write_json(run_dir / RUN_FILE, meta)
     barrier()
     return result
-
-
-def _one_run_dir(run_dir: str | Path | None, out_dir: str | Path | None) -> str | Path:
-    """The run folder given as `run_dir` or by its former name `out_dir` (not both)."""
-    if run_dir is not None and out_dir is not None and Path(run_dir) != Path(out_dir):
-        raise ConfigError(f"run_dir {run_dir} and out_dir {out_dir} differ; give run_dir only")
-    if run_dir is None and out_dir is None:
-        raise ConfigError("run_dir is required")
-    return run_dir if run_dir is not None else out_dir  # type: ignore[return-value]
 
 
 __all__ = ["TrainResult", "train_run"]
