@@ -62,18 +62,20 @@ def choose_k(similarity: Similarity, expr: np.ndarray, groups: np.ndarray, *, n_
         (k, {k: score}); ties go to the smaller k; k values above the largest bank are clamped.
     """
     heg = heg_columns(expr) if heg is None else heg
-    all_expr = expr if not n_extra else np.concatenate([expr, extra_expr])
+    scored = expr[:, heg] if not n_extra else np.concatenate([expr[:, heg], extra_expr[:, heg]])  # (N + E, H)
     scores: dict[int, list[float]] = {}
     for g in np.unique(groups):
         q = np.flatnonzero(groups == g)
         bank = np.concatenate([np.flatnonzero(groups != g), len(expr) + np.arange(n_extra)])
         if q.size < 3 or bank.size == 0:
             continue
-        order = np.argsort(-similarity(q, bank), axis=1, kind="stable")  # (Q, B) best first
+        k_max = min(max(grid), bank.size)
+        order = np.argsort(-similarity(q, bank), axis=1, kind="stable")[:, :k_max]  # (Q, k_max) best first
+        running = np.cumsum(scored[bank[order]], axis=1)  # (Q, k_max, H): sums over the first j neighbours
         for k in grid:
             k_eff = min(k, bank.size)
-            pred = all_expr[bank[order[:, :k_eff]]].mean(axis=1)  # (Q, G)
-            r = pcc_columns(pred[:, heg], expr[q][:, heg])
+            pred = running[:, k_eff - 1] / k_eff  # (Q, H) mean of the k nearest
+            r = pcc_columns(pred, expr[q][:, heg])
             scores.setdefault(k_eff, []).append(float(np.nanmean(r)) if np.isfinite(r).any() else math.nan)
     mean = {k: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for k, v in scores.items()}
     if not mean:

@@ -15,7 +15,7 @@ import torch
 from cmrcnet.atomic import write_json, write_text
 from cmrcnet.data.spots import load_spot_table, resize_uint8
 from cmrcnet.inference.bank import build_bank, load_bank, merge_banks
-from cmrcnet.inference.predict import predict_spots
+from cmrcnet.inference.predict import embed_patches, predict_spots
 from cmrcnet.run.load import load_trained_model
 
 from . import derived, report, runner, stats
@@ -151,10 +151,11 @@ def run_fold(fold: dict, seed: int, variants: list[str], args, work: Path, ds: P
                 extra = build_bank(trained, runner.PreparedDataset(ds), fold["extra_bank"],
                                    allow_missing_genes=True, progress=False)
                 banks["+bank"] = (merge_banks(bank, extra), extra)
+        img = None if v.method == "regression" else embed_patches(trained, table.images).numpy()
         for suffix, pair in banks.items():
             k, scores, how = (None, {}, "")
             if pair is not None:
-                k, scores, how = runner.retrieval_k(trained, table, bank, pair[1])
+                k, scores, how = runner.retrieval_k(trained, table, bank, pair[1], img)
             for test in fold["tests"]:
                 pred = predict_spots(trained, None if pair is None else pair[0], ds, [test], None, k=k,
                                      progress=False)

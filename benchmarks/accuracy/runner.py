@@ -150,7 +150,7 @@ def trained_run(rdir: Path, variant: str, seed: int, fold: dict, ds: Path, enc: 
     info = rdir / "run.json"
     if not info.exists() or json.loads(info.read_text()).get("status") != "complete":
         shutil.rmtree(rdir, ignore_errors=True)
-        train_run(data_dir=ds, train_samples=fold["train"], out_dir=rdir,
+        train_run(data_dir=ds, train_samples=fold["train"], run_dir=rdir,
                   config=run_config(variant, seed, quick, enc, cache), progress=False,
                   command=f"her2st_accuracy {variant} seed {seed}")
     return sum(float(line.split(",")[2]) for line in (rdir / "metrics.csv").read_text().splitlines()[1:])
@@ -161,9 +161,11 @@ def _embeddings_by_key(bank: Bank) -> dict[str, np.ndarray]:
     return dict(zip(bank.keys, bank.embeddings.numpy(), strict=True))
 
 
-def retrieval_k(trained: TrainedModel, train: SpotTable, bank: Bank, extra: Bank | None) -> tuple[int, dict, str]:
-    """k by leave-one-training-section-out over the training spots (extra bank spots always retrievable)."""
-    img = embed_patches(trained, train.images, precision="auto").numpy()
+def retrieval_k(trained: TrainedModel, train: SpotTable, bank: Bank, extra: Bank | None,
+                img: np.ndarray | None = None) -> tuple[int, dict, str]:
+    """k by leave-one-training-section-out over the training spots (extra bank spots always retrievable);
+    `img`: the training spots' image embeddings when already computed."""
+    img = embed_patches(trained, train.images, precision="auto").numpy() if img is None else img
     by_key = _embeddings_by_key(bank)
     expr_emb = np.stack([by_key[k] for k in train.keys()])  # training spots, in table order
     n_extra = 0 if extra is None else len(extra)
