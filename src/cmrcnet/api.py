@@ -162,6 +162,7 @@ class Model:
         batch_size: int = 128,
         precision: str = "auto",
         progress: bool = True,
+        stain_normalise: bool = False,
     ) -> ad.AnnData:
         """Predict every spot of prepared `samples` (a sample never retrieves its own bank spots).
 
@@ -179,6 +180,10 @@ class Model:
             "exact" or "faiss" (``pip install "cmrcnet[faiss]"``).
         precision
             "auto" (measured per machine), "fp32", "bf16" or "fp16".
+        stain_normalise
+            Map each sample's colours onto the run's training patches first (slide-level Reinhard,
+            `cmrcnet.data.stain`; for slides from another scanner or lab); recorded in
+            ``uns["cmrcnet"]["stain_normalisation"]``.
 
         Returns
         -------
@@ -190,7 +195,7 @@ class Model:
             confidence_reference.json, ``uns["cmrcnet"]["confidence_reference"]`` and
             ``uns["cmrcnet"]["fraction_below_reference_p5"]`` (`cmrcnet.inference.confidence`).
         """
-        from cmrcnet.inference.predict import predict_spots
+        from cmrcnet.inference.predict import predict_spots, run_stain_target
 
         return predict_spots(
             self.trained,
@@ -204,6 +209,7 @@ class Model:
             batch_size=batch_size,
             precision=precision,
             progress=progress,
+            stain_target=run_stain_target(self.trained) if stain_normalise else None,
         )
 
     def predict_slide(self, slide: str | Path, out: str | Path, **options: Any) -> ad.AnnData:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -308,3 +309,26 @@ def test_all_background_slide_is_a_clear_error(
 def test_unknown_heatmap_gene_is_refused(run: Path, slide_tif: Path, tmp_path: Path, capsys) -> None:
     assert _predict(run, slide_tif, tmp_path / "out", "--genes", "NOTAGENE") == 2
     assert "NOTAGENE" in capsys.readouterr().err
+
+
+def test_stain_normalise_maps_a_recoloured_slide_back(run: Path, tmp_path: Path) -> None:
+    """--stain-normalise: a slide in another stain balance on a black background is mapped onto the training
+    patches' colours before prediction; recorded in provenance. Without a stain reference: a clear error."""
+    img = draw_slide().astype(np.float64)
+    od = -np.log(np.clip(img / 255.0, 1 / 255, 1.0)) * np.array([1.4, 0.7, 1.2])  # another stain balance
+    img = np.exp(-od) * 255.0
+    img[np.all(draw_slide() >= 230, axis=2)] = 3.0  # black background instead of white glass
+    path = tmp_path / "recoloured.tif"
+    write_pyramid(path, np.clip(img, 0, 255).astype(np.uint8))
+    plain, normed = tmp_path / "plain", tmp_path / "normed"
+    assert _predict(run, path, plain) == 0
+    assert _predict(run, path, normed, "--stain-normalise") == 0
+    a, b = ad.read_h5ad(plain / "prediction.h5ad"), ad.read_h5ad(normed / "prediction.h5ad")
+    assert a.uns["cmrcnet"]["stain_normalisation"] == "none"
+    assert b.uns["cmrcnet"]["stain_normalisation"].startswith("Reinhard")
+    assert a.n_obs == b.n_obs and not np.allclose(a.X, b.X)
+    # a run made before stain references existed
+    old = tmp_path / "old_run"
+    shutil.copytree(run, old)
+    (old / "stain_reference.json").unlink()
+    assert _predict(old, path, tmp_path / "x", "--stain-normalise") == 2

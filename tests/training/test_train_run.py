@@ -28,6 +28,7 @@ from cmrcnet.run.layout import (
     NORMALIZATION_FILE,
     RUN_FILE,
     SPOTS_FILE,
+    STAIN_REFERENCE_FILE,
 )
 from cmrcnet.training.trainer import TrainResult
 from cmrcnet.workflows.train import train_run
@@ -54,6 +55,7 @@ RUN_FILES = {
     RUN_FILE,
     BANK_FILE,
     CONFIDENCE_REFERENCE_FILE,  # retrieval similarity of the validation spots, written with the bank
+    STAIN_REFERENCE_FILE,  # colour statistics of the training patches (predict --stain-normalise)
 }
 
 

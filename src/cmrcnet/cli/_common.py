@@ -47,6 +47,15 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help=PRECISION_HELP)
 
 
+def _add_stain(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--stain-normalise",
+        action="store_true",
+        help="map each slide's colours onto the training patches' first (slide-level Reinhard; black background "
+        "made white): for slides from another scanner or lab; measured in benchmarks/results/her2st_accuracy.md",
+    )
+
+
 def _id_list(text: str) -> list[str]:
     ids = [t.strip() for t in text.split(",") if t.strip()]
     if not ids:
@@ -76,6 +85,7 @@ PARAM_TO_FLAG: dict[str, str] = {
     "run_dir": "--model",  # the trained run a command reads
     "samples": "--samples",
     "seeds": "--seeds",
+    "stain_normalise": "--stain-normalise",
 }
 COMMAND_PARAM_TO_FLAG: dict[str, dict[str, str]] = {"train": {"run_dir": "--out"}}  # the run it writes
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cmrcnet.cli._common import PRECISION_HELP, _add_precision, _id_list, _positive_int
+from cmrcnet.cli._common import PRECISION_HELP, _add_precision, _add_stain, _id_list, _positive_int
 from cmrcnet.errors import ConfigError
 from cmrcnet.runtime import PRECISION_CHOICES
 
@@ -84,6 +84,7 @@ def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--checkpoint", choices=CHECKPOINTS, help="default: the run's `select` setting")
     p.add_argument("--ema", action="store_true", default=None, help="use the EMA weights")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="patches per forward pass")
+    _add_stain(p)
     _add_precision(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(handler=_run_predict)
@@ -108,6 +109,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         precision=args.precision,
         device=args.device,
         progress=not args.quiet,
+        stain_normalise=args.stain_normalise,
     )
     info = adata.uns["cmrcnet"]
     print(f"predicted {adata.n_obs} spots x {adata.n_vars} genes ({info['method']}) -> {args.out}")

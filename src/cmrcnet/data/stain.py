@@ -90,6 +90,14 @@ def normalise_to(images: np.ndarray, target: LabStats) -> np.ndarray:
     return reinhard(images, lab_stats(images), target)
 
 
+def training_stain_reference(dataset, samples: list[str], *, max_pixels: int = MAX_PIXELS) -> LabStats:
+    """LabStats of the tissue pixels of the prepared patches of `samples` (a run's training samples)."""
+    patches = [dataset.read_patches(s).img for s in samples if dataset.has_image(s)]
+    if not patches:
+        raise ConfigError(f"none of the samples {samples} has an image for colour statistics")
+    return lab_stats(np.concatenate([p.reshape(-1, 3) for p in patches]), max_pixels=max_pixels)
+
+
 def save_stain_reference(stats: LabStats, path: str | Path) -> Path:
     path = Path(path)
     write_json(path, stats.to_dict())
@@ -102,7 +110,7 @@ def load_stain_reference(path: str | Path) -> LabStats:
     path = Path(path)
     if not path.is_file():
         raise InputFileError("no stain reference in this run (trained before stain normalisation existed); "
-                             "retrain, or predict without stain normalisation", path=path)
+                             "retrain, or predict without stain_normalise=True", path=path)
     try:
         d = json.loads(path.read_text())
         if d.get("format") != STAIN_FORMAT:

@@ -17,7 +17,7 @@ from cmrcnet.atomic import atomic_path
 from cmrcnet.constants import CMRCNET_UNS, SAMPLE_KEY, SPATIAL_KEY
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.spots import load_spot_table
-from cmrcnet.data.stain import LabStats, normalise_to
+from cmrcnet.data.stain import LabStats, load_stain_reference, normalise_to
 from cmrcnet.errors import ConfigError
 from cmrcnet.inference.bank import Bank, load_bank
 from cmrcnet.inference.confidence import (
@@ -31,6 +31,7 @@ from cmrcnet.inference.confidence import (
 from cmrcnet.inference.export import SPATIAL_UNS, SPOT_DIAMETER_UM, spatial_library
 from cmrcnet.inference.retrieval import WEIGHTINGS, aggregate, clamp_k, make_index
 from cmrcnet.models.preprocess import images_to_float
+from cmrcnet.run.layout import STAIN_REFERENCE_FILE
 from cmrcnet.run.load import TrainedModel, load_trained_model
 from cmrcnet.runtime import PrecisionChoice, autocast_context, resolve_precision
 
@@ -196,10 +197,12 @@ def predict_samples(
     precision: str = "auto",
     device: str = "cpu",
     progress: bool = True,
+    stain_normalise: bool = False,
 ) -> ad.AnnData:
     """Predict log1p expression for every spot of `samples`; write PRED.h5ad atomically when `out_path` is given.
 
     `precision`: "auto" (default; measured, see `cmrcnet.runtime.resolve_precision`), "fp32", "bf16" or "fp16".
+    `stain_normalise`: map each sample's colours onto the run's training patches first (`run_stain_target`).
     """
     trained = load_trained_model(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device)
     bank = None if trained.model_config.method == "regression" else load_bank(run_dir, trained)
@@ -215,7 +218,16 @@ def predict_samples(
         batch_size=batch_size,
         precision=precision,
         progress=progress,
+        stain_target=run_stain_target(trained) if stain_normalise else None,
     )
+
+
+STAIN_NOTE = "Reinhard (L*a*b*, slide-level statistics) onto the training patches' colours; black background white"
+
+
+def run_stain_target(trained: TrainedModel) -> LabStats:
+    """The colour statistics of a run's training patches (stain_reference.json, written with the bank)."""
+    return load_stain_reference(Path(trained.run_dir) / STAIN_REFERENCE_FILE)
 
 
 def _normalise_stain(table, target: LabStats) -> None:
@@ -321,6 +333,7 @@ def predict_spots(
         "data_dir": str(dataset.root.resolve()),
         **confidence_provenance(conf, reference, k=k),
     }
+    adata.uns[CMRCNET_UNS]["stain_normalisation"] = STAIN_NOTE if stain_target is not None else "none"
     _add_tissue_images(adata, dataset, samples)
     if out_path is not None:
         with atomic_path(out_path) as tmp:

@@ -39,6 +39,7 @@ from cmrcnet.atomic import write_json
 from cmrcnet.constants import CMRCNET_UNS, SAMPLE_KEY, SPATIAL_KEY
 from cmrcnet.data.markers import default_markers, default_tumour_markers
 from cmrcnet.data.slide_reader import SlideReader, open_slide
+from cmrcnet.data.stain import LabStats, lab_stats
 from cmrcnet.data.tissue import TissueConfig
 from cmrcnet.errors import ConfigError
 from cmrcnet.inference.bank import load_bank
@@ -50,7 +51,7 @@ from cmrcnet.inference.confidence import (
     slide_confidence_summary,
 )
 from cmrcnet.inference.export import SPATIAL_UNS, spatial_library
-from cmrcnet.inference.predict import prediction_provenance
+from cmrcnet.inference.predict import STAIN_NOTE, prediction_provenance, run_stain_target
 from cmrcnet.inference.slide_outputs import (
     CONFIDENCE_MAP_FILE,
     HEATMAP_PREFIX,
@@ -119,6 +120,11 @@ def default_map_genes(genes: Sequence[str]) -> list[str]:
     return present[:MAX_DEFAULT_MAPS] if present else list(genes[:N_FALLBACK_MAPS])
 
 
+def _slide_stain(trained: TrainedModel, layout: SlideLayout) -> tuple[LabStats, LabStats]:
+    """(the slide's colour statistics over its thumbnail's tissue pixels, the training patches')."""
+    return lab_stats(layout.thumb[layout.mask.mask]), run_stain_target(trained)
+
+
 def predict_slide(
     run_dir: str | Path,
     slide: str | Path,
@@ -140,6 +146,7 @@ def predict_slide(
     reader: str = "auto",
     plots: bool = True,
     progress: bool = True,
+    stain_normalise: bool = False,
 ) -> SlidePrediction:
     """Predict log1p expression for every tissue tile of `slide` and write the outputs into `out_dir`.
 
@@ -161,6 +168,9 @@ def predict_slide(
         tissue: tissue-detection parameters.
         reader: slide back end ("auto", "openslide", "tifffile", "pillow").
         plots: draw the heatmap, score and confidence PNGs.
+        stain_normalise: map the slide's colours onto the run's training patches before prediction
+            (slide-level Reinhard, `cmrcnet.data.stain`; the slide's statistics come from the tissue pixels of
+            its thumbnail; black background made white).
     """
     t_start = time.perf_counter()
     _check_options(batch_size=batch_size, min_tissue=min_tissue, step_um=step_um)
@@ -183,6 +193,7 @@ def predict_slide(
             slide_reader, trained, pixel_size_um, fov_um, step_um, min_tissue=min_tissue, tissue=tissue
         )
         _log_layout(sample_id, layout, slide_reader)
+        stain = _slide_stain(trained, layout) if stain_normalise else None
         t_pred = time.perf_counter()
         preds, conf = predict_tiles(
             trained,
@@ -198,6 +209,7 @@ def predict_slide(
             batch_size=batch_size,
             precision=choice.precision,
             progress=progress,
+            stain=stain,
         )
         seconds_pred = time.perf_counter() - t_pred
 
@@ -228,6 +240,7 @@ def predict_slide(
         **confidence_provenance(conf, reference, k=k),
         "tumour_markers": used_markers,
         "tumour_threshold": float("nan") if threshold is None else float(threshold),
+        "stain_normalisation": STAIN_NOTE if stain is not None else "none",
     }
     adata.uns[SPATIAL_UNS] = {sample_id: spatial_library(layout.thumb, 1.0 / layout.thumb_ds, layout.fov_px)}
     adata.obs["library_id"] = pd.Categorical([sample_id] * len(layout.rows))

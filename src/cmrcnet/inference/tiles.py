@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from cmrcnet.data.slide_reader import SlideReader, read_thumbnail, read_tile, resolve_slide_pixel_size
 from cmrcnet.data.spots import resize_uint8
+from cmrcnet.data.stain import LabStats, reinhard
 from cmrcnet.data.tissue import TissueConfig, TissueMask, detect_tissue
 from cmrcnet.errors import ConfigError, InputFileError
 from cmrcnet.inference.bank import Bank
@@ -75,9 +76,11 @@ def predict_tiles(
     batch_size: int,
     precision: str,
     progress: bool,
+    stain: tuple[LabStats, LabStats] | None = None,
 ) -> tuple[np.ndarray, NeighbourConfidence | None]:
     """(N, G) float32 predictions for the tiles at `centers`, read and predicted batch by batch, and each tile's
-    retrieval confidence (None for the regression method, which retrieves nothing)."""
+    retrieval confidence (None for the regression method, which retrieves nothing). `stain`: (the slide's, the
+    target) colour statistics to map every tile with (`cmrcnet.data.stain.reinhard`); None: as read."""
     n = len(centers)
     img_size = int(trained.model_config.img_size)
     regression = bank is None
@@ -102,6 +105,8 @@ def predict_tiles(
             tiles = pending.result()
             if i + 1 < len(starts):  # read the next batch while this one is embedded
                 pending = pool.submit(read_batch, starts[i + 1])
+            if stain is not None:
+                tiles = reinhard(tiles, *stain)
             x = resize_uint8(tiles, img_size)  # (b, S, S, 3) uint8 tensor
             emb = embed_patches(trained, x, batch_size=batch_size, precision=precision, regression=regression)
             stop = start + len(tiles)

@@ -20,6 +20,7 @@ BEST_CKPT = "best.pt"  # lowest validation loss
 LAST_CKPT = "last.pt"  # end of the latest finished epoch (resume point)
 CHECKPOINTS = (BEST_CKPT, LAST_CKPT)  # the checkpoints a run can predict with
 BANK_FILE = "bank.pt"  # reference bank for retrieval
+STAIN_REFERENCE_FILE = "stain_reference.json"  # colour statistics of the training patches (data.stain)
 CONFIDENCE_REFERENCE_FILE = "confidence_reference.json"  # retrieval similarity of the validation spots
 
 

@@ -9,10 +9,11 @@ from typing import Any
 
 from cmrcnet.atomic import write_json
 from cmrcnet.data.dataset import PreparedDataset
+from cmrcnet.data.stain import save_stain_reference, training_stain_reference
 from cmrcnet.inference.bank import build_bank, save_bank
 from cmrcnet.inference.confidence_reference import write_confidence_reference
 from cmrcnet.run.config import RunConfig
-from cmrcnet.run.layout import RUN_FILE, one_run_dir
+from cmrcnet.run.layout import RUN_FILE, STAIN_REFERENCE_FILE, one_run_dir
 from cmrcnet.run.load import load_trained_model
 from cmrcnet.training.distributed import barrier, dist_from_env, resolve_device
 from cmrcnet.training.fit import fit_run
@@ -81,6 +82,10 @@ def train_run(
             save_bank(bank, run_dir)
             logger.info("reference bank: %d spots of %s (%s)", len(bank), samples, bank.fingerprint)
             write_confidence_reference(trained, bank, data_dir, progress=progress)
+        save_stain_reference(
+            training_stain_reference(PreparedDataset(data_dir), list(dict.fromkeys(train_samples))),
+            run_dir / STAIN_REFERENCE_FILE,
+        )
         meta = json.loads((run_dir / RUN_FILE).read_text())
         meta["status"] = "complete"
         write_json(run_dir / RUN_FILE, meta)
