@@ -163,6 +163,7 @@ class Model:
         precision: str = "auto",
         progress: bool = True,
         stain_normalise: bool = False,
+        smooth: float = 0.0,
     ) -> ad.AnnData:
         """Predict every spot of prepared `samples` (a sample never retrieves its own bank spots).
 
@@ -184,6 +185,9 @@ class Model:
             Map each sample's colours onto the run's training patches first (slide-level Reinhard,
             `cmrcnet.data.stain`; for slides from another scanner or lab); recorded in
             ``uns["cmrcnet"]["stain_normalisation"]``.
+        smooth
+            Average each spot's prediction with its neighbours' (weight of the neighbours' mean, 0-1;
+            `cmrcnet.inference.smoothing`, predictions only, never measured expression); 0: none.
 
         Returns
         -------
@@ -210,6 +214,7 @@ class Model:
             precision=precision,
             progress=progress,
             stain_target=run_stain_target(self.trained) if stain_normalise else None,
+            smooth=smooth,
         )
 
     def predict_slide(self, slide: str | Path, out: str | Path, **options: Any) -> ad.AnnData:

@@ -170,3 +170,19 @@ def test_stain_target_recolours_the_test_patches_before_embedding(trained: tuple
                         stain_target=LabStats([own.mean[0] * 0.6, own.mean[1] + 30, own.mean[2] - 30], own.std, 1))
     assert np.abs(np.asarray(same.X) - np.asarray(plain.X)).mean() < np.abs(np.asarray(far.X) - np.asarray(plain.X)).mean()
     assert not np.allclose(np.asarray(far.X), np.asarray(plain.X))
+
+
+def test_smooth_averages_each_spot_with_its_neighbours(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    from cmrcnet.inference.smoothing import smooth_neighbours
+
+    ds, run = trained
+    plain = predict_samples(run, ds, ["synS3"], None, progress=False, precision="fp32")
+    out = tmp_path / "smooth.h5ad"
+    assert main(["predict", "--model", str(run), "--data", str(ds), "--samples", "synS3", "--out", str(out),
+                 "--smooth", "0.5", "--precision", "fp32", "--quiet"]) == 0
+    smooth = ad.read_h5ad(out)
+    expected = smooth_neighbours(np.asarray(plain.X), np.asarray(plain.obsm["spatial"]), weight=0.5)
+    np.testing.assert_allclose(np.asarray(smooth.X), expected, rtol=1e-5, atol=1e-6)
+    assert smooth.uns["cmrcnet"]["smoothing_weight"] == 0.5
+    assert main(["predict", "--model", str(run), "--data", str(ds), "--samples", "synS3", "--out",
+                 str(tmp_path / "bad.h5ad"), "--smooth", "2", "--quiet"]) == 2

@@ -85,6 +85,7 @@ PARAM_TO_FLAG: dict[str, str] = {
     "run_dir": "--model",  # the trained run a command reads
     "samples": "--samples",
     "seeds": "--seeds",
+    "smooth": "--smooth",
     "stain_normalise": "--stain-normalise",
 }
 COMMAND_PARAM_TO_FLAG: dict[str, dict[str, str]] = {"train": {"run_dir": "--out"}}  # the run it writes

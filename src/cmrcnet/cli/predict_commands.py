@@ -85,6 +85,9 @@ def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--ema", action="store_true", default=None, help="use the EMA weights")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="patches per forward pass")
     _add_stain(p)
+    p.add_argument("--smooth", type=float, default=0.0, metavar="W",
+                   help="average each spot with its neighbours' predictions, weight W of their mean (0-1; "
+                   "default 0: none; measured in benchmarks/results/her2st_accuracy.md)")
     _add_precision(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(handler=_run_predict)
@@ -110,6 +113,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
         stain_normalise=args.stain_normalise,
+        smooth=args.smooth,
     )
     info = adata.uns["cmrcnet"]
     print(f"predicted {adata.n_obs} spots x {adata.n_vars} genes ({info['method']}) -> {args.out}")

@@ -30,6 +30,7 @@ from cmrcnet.inference.confidence import (
 )
 from cmrcnet.inference.export import SPATIAL_UNS, SPOT_DIAMETER_UM, spatial_library
 from cmrcnet.inference.retrieval import WEIGHTINGS, aggregate, clamp_k, make_index
+from cmrcnet.inference.smoothing import smooth_neighbours
 from cmrcnet.models.preprocess import images_to_float
 from cmrcnet.run.layout import STAIN_REFERENCE_FILE
 from cmrcnet.run.load import TrainedModel, load_trained_model
@@ -198,6 +199,7 @@ def predict_samples(
     device: str = "cpu",
     progress: bool = True,
     stain_normalise: bool = False,
+    smooth: float = 0.0,
 ) -> ad.AnnData:
     """Predict log1p expression for every spot of `samples`; write PRED.h5ad atomically when `out_path` is given.
 
@@ -219,6 +221,7 @@ def predict_samples(
         precision=precision,
         progress=progress,
         stain_target=run_stain_target(trained) if stain_normalise else None,
+        smooth=smooth,
     )
 
 
@@ -253,11 +256,13 @@ def predict_spots(
     precision: str = "auto",
     progress: bool = True,
     stain_target: LabStats | None = None,
+    smooth: float = 0.0,
 ) -> ad.AnnData:
     """`predict_samples` for a model already loaded (and its bank; None for the regression method).
 
     `stain_target`: colour statistics to map each sample's patches onto before embedding (slide-level Reinhard,
     `cmrcnet.data.stain`), e.g. those of the training patches for a slide from another scanner; None: as is.
+    `smooth`: weight of the neighbouring spots' predictions (`cmrcnet.inference.smoothing`; 0: none).
 
     Writes X (spots x genes), obs "sample_id", "barcode", "library_id", obsm "spatial", uns "spatial" and
     uns "cmrcnet" (provenance). Retrieval methods also write obs "retrieval_similarity" and "neighbour_spread"
@@ -307,6 +312,8 @@ def predict_spots(
         pred, conf = retrieve_from_embeddings(
             emb, table.sample_ids, bank, k=k, weighting=weighting, backend=backend
         )
+    if smooth:
+        pred = smooth_neighbours(pred, table.coords, weight=smooth, groups=np.asarray(table.sample_ids))
     adata = ad.AnnData(pred)
     adata.var_names = list(trained.genes)
     adata.obs_names = table.keys()
@@ -334,6 +341,7 @@ def predict_spots(
         **confidence_provenance(conf, reference, k=k),
     }
     adata.uns[CMRCNET_UNS]["stain_normalisation"] = STAIN_NOTE if stain_target is not None else "none"
+    adata.uns[CMRCNET_UNS]["smoothing_weight"] = float(smooth)
     _add_tissue_images(adata, dataset, samples)
     if out_path is not None:
         with atomic_path(out_path) as tmp:

@@ -57,7 +57,7 @@ def smooth_neighbours(
         (N, G) float32 smoothed predictions.
     """
     if not 0.0 <= weight <= 1.0:
-        raise ConfigError(f"smoothing weight must be in [0, 1], got {weight}")
+        raise ConfigError(f"smooth= (the weight of the neighbours' mean) must be in [0, 1], got {weight}")
     if radius_factor <= 0:
         raise ConfigError(f"smoothing radius_factor must be positive, got {radius_factor}")
     pred = np.asarray(pred, dtype=np.float64)
