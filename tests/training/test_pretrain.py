@@ -17,6 +17,7 @@ from cmrcnet.data.synthetic import SyntheticConfig, write_synthetic_raw
 from cmrcnet.models import build_model
 from cmrcnet.models.config import ModelConfig
 from cmrcnet.run.checkpoint import load_checkpoint
+from cmrcnet.run.load import load_trained_model
 from cmrcnet.training.feature_cache import dihedral_variants, frozen_features
 from cmrcnet.training.pretrain import (
     PretrainConfig,
@@ -113,9 +114,13 @@ def test_encoder_from_pretrain_reloads_into_train(tmp_path: Path, synthetic_ds: 
     argv += ["--handcrafted", "--feature-cache", str(tmp_path / "cache")]
     assert main(argv) == 0
     pretrained = load_file(str(enc / "encoder.safetensors"))
-    trained = load_checkpoint(run / "best.pt")["model"]
+    ckpt = load_checkpoint(run / "best.pt")
+    trained = ckpt["model"]
+    assert ckpt["encoder_ref"]["source"] == "cmrcnet pretrain"  # frozen, from a file: stored by reference
+    assert not any(k.startswith("image_encoder.") for k in trained)
+    rebuilt = load_trained_model(run).model.state_dict()
     for key, value in pretrained.items():  # frozen: the run's encoder is exactly the pretrained one
-        assert torch.equal(trained[f"image_encoder.{key}"], value), key
+        assert torch.equal(rebuilt[f"image_encoder.{key}"], value), key
     meta = json.loads((run / "run.json").read_text())
     assert meta["transductive"] is True  # the encoder saw a test slide; every run from it says so
     assert meta["encoder_init"]["pretraining"]["objective"] == "simclr"

@@ -249,12 +249,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_encoder_weights(encoder: nn.Module, path: str | Path, *, strict: bool = False) -> WeightsReport:
+def load_encoder_weights(
+    encoder: nn.Module, path: str | Path, *, strict: bool = False, sha256: str | None = None
+) -> WeightsReport:
     """Copy the tensors of `path` into `encoder` (names matched after stripping wrapper prefixes).
 
     A tensor whose shape differs from the encoder's is an error. With `strict`, any missing or unexpected tensor is
     an error too; otherwise they are reported (and logged) and the missing ones keep their initial values. At
-    least half of the encoder's tensors must be found, so pointing at the wrong file fails loudly.
+    least half of the encoder's tensors must be found, so pointing at the wrong file fails loudly. `sha256`: the
+    file's hash when the caller has just checked it (not computed again for the report).
     """
     path = resolve_weights_path(path)
     own = encoder.state_dict()
@@ -307,4 +310,4 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path, *, strict: bool =
             len(unexpected),
             unexpected[0],
         )
-    return WeightsReport(path, file_sha256(path), found, missing, unexpected)
+    return WeightsReport(path, sha256 or file_sha256(path), found, missing, unexpected)

@@ -16,6 +16,7 @@ from cmrcnet.models.config import ModelConfig
 from cmrcnet.models.model import CMRCNet
 from cmrcnet.run.checkpoint import load_checkpoint
 from cmrcnet.run.config import RunConfig
+from cmrcnet.run.encoder_source import load_initial_encoder, with_encoder
 from cmrcnet.run.layout import BEST_CKPT, CONFIG_FILE, GENES_FILE, LAST_CKPT, MODEL_FILE, RUN_FILE
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,11 @@ def load_trained_model(
     use_ema: bool | None = None,
     device: torch.device | str = "cpu",
 ) -> TrainedModel:
-    """Load the run's selected checkpoint (config `select`: best/last) in eval mode on `device`."""
+    """Load the run's selected checkpoint (config `select`: best/last) in eval mode on `device`.
+
+    A checkpoint that stores its frozen encoder by reference (`encoder_ref`) gets it from the recorded weights file,
+    loaded as at the start of training; a missing file or another SHA-256 raises InputFileError.
+    """
     run_dir = require_dir(run_dir, "run folder")
     ckpt_path_cfg = run_dir / CONFIG_FILE
     if not ckpt_path_cfg.is_file():
@@ -70,6 +75,12 @@ def load_trained_model(
         raise CheckpointError(f"checkpoint holds an invalid config ({exc})", path=ckpt_path) from exc
     _check_same_model(mcfg, run_dir / MODEL_FILE, ckpt_path)
     model = build_model(mcfg)
+    ref = data.get("encoder_ref")
+    if ref:  # a frozen encoder stored by reference: rebuilt from its weights file as training loaded it
+        if not isinstance(ref, dict) or not {"weights", "sha256", "tensors"} <= set(ref):
+            raise CheckpointError("checkpoint holds an invalid encoder reference", path=ckpt_path)
+        load_initial_encoder(model, ref["weights"], sha256=ref["sha256"])
+        state = with_encoder(state, ref, model)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:

@@ -138,6 +138,7 @@ def fit_run(
         dist_info=info,
         progress=progress,
         precision=choice.precision,
+        encoder_ref=(ckpt or {}).get("encoder_ref"),  # a resumed run's frozen encoder, stored by reference
     )
     _start_trainer(trainer, ckpt, choice, info)
     logger.info(
@@ -246,6 +247,7 @@ def _start_trainer(trainer: Trainer, ckpt: dict | None, choice: PrecisionChoice,
             resumed=ckpt is not None,
             encoder_init=trainer.encoder_init,
             feature_cache=trainer.feature_cache_summary,
+            encoder_ref=trainer.encoder_ref,
         )
 
 

@@ -21,7 +21,6 @@ Output folder (ENCODER_DIR, the argument of `cmrcnet train --encoder`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -41,14 +40,12 @@ from cmrcnet.errors import ConfigError, InputFileError
 from cmrcnet.models.config import ENCODER_PRESETS, ModelConfig
 from cmrcnet.models.encoders import build_image_encoder, file_sha256
 from cmrcnet.models.preprocess import normalise_unit_images
+from cmrcnet.run.encoder_source import ENCODER_FORMAT, ENCODER_JSON, ENCODER_WEIGHTS, read_encoder_dir
 from cmrcnet.runtime import PRECISION_CHOICES, autocast_context, resolve_precision
 
 logger = logging.getLogger(__name__)
 
-ENCODER_WEIGHTS = "encoder.safetensors"
-ENCODER_JSON = "encoder.json"
 LOSS_FILE = "pretrain_loss.csv"
-ENCODER_FORMAT = "cmrcnet-encoder"
 # ModelConfig fields that define the encoder's architecture (a pretrained encoder fixes them for `train`)
 ARCH_FIELDS = ("image_encoder", "img_size", "patch_size", "width", "depth", "heads", "mlp_ratio")
 
@@ -472,24 +469,3 @@ def _configure_foundation(cfg, weights: str | Path | None) -> None:
         )
     cfg.encoder_weights = str(check_weights_file(spec, weights).resolve())
     cfg.model["freeze_encoder"] = True
-
-
-def read_encoder_dir(path: str | Path) -> dict:
-    """encoder.json of a folder written by `pretrain_encoder`, checked for completeness."""
-    path = Path(path)
-    meta = path / ENCODER_JSON
-    if not meta.is_file():
-        raise InputFileError(f"is not a pretrained encoder folder (no {ENCODER_JSON})", path=path)
-    try:
-        info = json.loads(meta.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputFileError(f"invalid JSON ({exc})", path=meta) from exc
-    if (
-        not isinstance(info, dict)
-        or info.get("format") != ENCODER_FORMAT
-        or not isinstance(info.get("model"), dict)
-    ):
-        raise InputFileError(f"is not a {ENCODER_FORMAT} description", path=meta)
-    if not (path / ENCODER_WEIGHTS).is_file():
-        raise InputFileError(f"lacks {ENCODER_WEIGHTS}", path=path)
-    return info

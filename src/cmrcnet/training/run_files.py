@@ -56,9 +56,12 @@ def record_session(
     resumed: bool,
     encoder_init: dict | None,
     feature_cache: dict | None,
+    encoder_ref: dict | None = None,
 ) -> None:
-    """run.json: the precision this session computes in (and, for a fresh run, the encoder's origin and the
-    feature cache). A resumed run whose precision changed keeps the earlier choices in `precision_history`."""
+    """run.json: the precision this session computes in, how checkpoints store the encoder (`encoder_storage`:
+    "inline", or "reference" with the weights file's path and SHA-256), and for a fresh run the encoder's origin
+    and the feature cache. A resumed run whose precision changed keeps the earlier choices in
+    `precision_history`."""
     meta = json.loads((run_dir / RUN_FILE).read_text())
     before = meta.get("precision")
     if resumed and before and before.get("precision") != choice.precision:
@@ -67,6 +70,14 @@ def record_session(
         )
         meta.setdefault("precision_history", []).append(before)
     meta["precision"] = choice.to_dict()
+    meta["encoder_storage"] = {"stored": "inline"}
+    if encoder_ref is not None:
+        meta["encoder_storage"] = {
+            "stored": "reference",
+            "path": encoder_ref["file"],
+            "sha256": encoder_ref["sha256"],
+            "n_tensors": len(encoder_ref["tensors"]),
+        }
     if not resumed:
         meta["encoder_init"] = encoder_init
         meta["transductive"] = bool((encoder_init or {}).get("transductive", False))

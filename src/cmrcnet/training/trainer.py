@@ -23,17 +23,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cmrcnet.data.spots import SpotTable
-from cmrcnet.errors import CheckpointError, ConfigError
+from cmrcnet.errors import CheckpointError, ConfigError, InputFileError
 from cmrcnet.models import build_model
 from cmrcnet.models.config import ModelConfig
 from cmrcnet.models.handcrafted import patch_features
 from cmrcnet.plotting.curves import plot_loss_curve
 from cmrcnet.run.checkpoint import save_checkpoint
 from cmrcnet.run.config import RunConfig
+from cmrcnet.run.encoder_source import (
+    encoder_reference,
+    load_initial_encoder,
+    stores_encoder_by_reference,
+    with_encoder,
+    without_encoder,
+)
 from cmrcnet.run.layout import BEST_CKPT, CURVE_FILE, LAST_CKPT, METRICS_FILE
 from cmrcnet.runtime import autocast_context, resolve_precision
 from cmrcnet.training.distributed import DistInfo, barrier, broadcast_object, gather_with_grad
-from cmrcnet.training.encoder_init import load_initial_encoder
 from cmrcnet.training.feature_cache import FrozenFeatures, dihedral_variants, frozen_features
 from cmrcnet.training.run_files import write_metrics_csv
 from cmrcnet.training.schedule import EMA, index_batches, lr_at, mix_seed
@@ -68,8 +74,10 @@ class Trainer:
         dist_info: DistInfo,
         progress: bool,
         precision: str | None = None,
+        encoder_ref: dict | None = None,
     ) -> None:
-        """`precision`: the resolved precision to compute in (default: `config.train.precision` resolved here)."""
+        """`precision`: the resolved precision to compute in (default: `config.train.precision` resolved here).
+        `encoder_ref`: the encoder reference of the checkpoint to resume from (its weights file is checked first)."""
         self.run_dir = run_dir
         self.cfg = config
         self.tcfg = config.train
@@ -85,8 +93,13 @@ class Trainer:
         torch.manual_seed(self.tcfg.seed)  # identical initial weights on every process
         self.model = build_model(model_config)
         self.encoder_init: dict | None = None
+        self.encoder_ref: dict | None = None  # set when checkpoints store the frozen encoder by reference
         if config.encoder_weights:
-            self.encoder_init = load_initial_encoder(self.model, config.encoder_weights)
+            source = encoder_ref["weights"] if encoder_ref else config.encoder_weights
+            sha = encoder_ref["sha256"] if encoder_ref else None
+            self.encoder_init = load_initial_encoder(self.model, source, sha256=sha)
+            if stores_encoder_by_reference(model_config, config):
+                self.encoder_ref = encoder_reference(self.model, self.encoder_init, source)
         self.model.to(device)
         self.frozen_train: FrozenFeatures | None = None
         self.frozen_val: FrozenFeatures | None = None
@@ -152,14 +165,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state(self, epoch: int) -> dict:
+        """The checkpoint payload; a frozen encoder from a file is stored by reference (`encoder_ref`)."""
+        model, ema, ref = self.model.state_dict(), self.ema.state, self.encoder_ref
+        if ref is not None:
+            model, ema = without_encoder(model, ref), without_encoder(ema, ref)
         return {
             "kind": "train_state",
             "epoch": epoch,
             "step": self.step,
             "model_config": self.mcfg.to_dict(),
             "run_config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
-            "ema": self.ema.state,
+            "model": model,
+            "ema": ema,
+            "encoder_ref": ref,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "best_val": self.best_val,
@@ -168,9 +186,21 @@ class Trainer:
         }
 
     def load_state(self, ckpt: dict) -> None:
+        """Continue from a checkpoint. One that stores its frozen encoder by reference takes the encoder this
+        session loaded, which must come from a file with the recorded SHA-256."""
+        ref = ckpt.get("encoder_ref")
+        if ref is not None and (self.encoder_init or {}).get("sha256") != ref.get("sha256"):
+            raise InputFileError(
+                f"encoder weights differ from those the checkpoint {self.run_dir / LAST_CKPT} refers to "
+                f"(sha256 {str(ref.get('sha256'))[:12]}...)",
+                path=(self.encoder_init or {}).get("path") or self.cfg.encoder_weights,
+            )
         try:
-            self.model.load_state_dict(ckpt["model"])
-            self.ema.state = {k: v.float() for k, v in ckpt["ema"].items()}
+            model, ema = ckpt["model"], ckpt["ema"]
+            if ref is not None:
+                model, ema = with_encoder(model, ref, self.model), with_encoder(ema, ref, self.model)
+            self.model.load_state_dict(model)
+            self.ema.state = {k: v.detach().float().clone() for k, v in ema.items()}
             self.optimizer.load_state_dict(ckpt["optimizer"])
             if self.scaler and ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
