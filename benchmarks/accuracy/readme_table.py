@@ -12,6 +12,7 @@ from pathlib import Path
 from .report import _cell, _ci, peer
 
 ROWS = ("cmrcnet-ssl+hc", "cmrcnet-rand+hc", "cmrcnet-ssl+hc+bank", "cmrcnet-rand+hc+bank", "cmrcnet-paper60",
+        "cmrcnet-paper60+bank",
         "bleep-ssl+hc", "bleep-rand+hc", "bleep-ssl+hc+bank", "bleep-rand+hc+bank", "bleep-paper60",
         "regression-ssl+hc", "regression-rand+hc", "ridge-ssl+hc", "ridge-rand+hc", "knn-ssl+hc", "knn-rand+hc",
         "knn-handcrafted", "mean")
