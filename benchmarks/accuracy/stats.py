@@ -79,16 +79,26 @@ def paired_difference(method_rows: Sequence[dict], base_rows: Sequence[dict], *,
     if not diffs:
         return None
     per_section = np.array([d.mean() for d in diffs])
-    rng = np.random.default_rng(seed)
-    boots = np.empty(n_boot)
-    for i in range(n_boot):
-        drawn = rng.integers(0, len(diffs), size=len(diffs))
-        boots[i] = np.mean([diffs[j][rng.integers(0, diffs[j].size, size=diffs[j].size)].mean() for j in drawn])
-    lo, hi = np.percentile(boots, [2.5, 97.5])
+    lo, hi = np.percentile(_bootstrap(diffs, n_boot, seed), [2.5, 97.5])
     return {"heg50_diff": float(per_section.mean()), "heg50_ci95": [float(lo), float(hi)],
             "sign_count": f"{int((per_section > 0).sum())}/{len(per_section)}",
             "per_section": {s: float(d) for s, d in zip(sections, per_section, strict=True)},
             "n_boot": n_boot}
+
+
+def _bootstrap(diffs: list[np.ndarray], n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot,) means over resampled sections of the mean over each drawn section's resampled genes."""
+    rng = np.random.default_rng(seed)
+    n_sec, width = len(diffs), max(d.size for d in diffs)
+    table = np.zeros((n_sec, width))  # (S, G_max) differences, padded
+    sizes = np.array([d.size for d in diffs])
+    for i, d in enumerate(diffs):
+        table[i, : d.size] = d
+    drawn = rng.integers(0, n_sec, size=(n_boot, n_sec))  # (B, S) sections with replacement
+    genes = np.floor(rng.random((n_boot, n_sec, width)) * sizes[drawn][..., None]).astype(np.int64)  # (B, S, G)
+    valid = np.arange(width)[None, None, :] < sizes[drawn][..., None]  # a drawn section has its own gene count
+    values = np.where(valid, table[drawn[..., None], genes], 0.0)
+    return (values.sum(axis=2) / sizes[drawn]).mean(axis=1)
 
 
 def summarise(rows: Sequence[dict], *, n_boot: int = N_BOOT) -> dict:
