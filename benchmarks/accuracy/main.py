@@ -106,8 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _rounded(obj, digits: int = 4):
+    """Floats rounded to `digits` decimals (far below the run-to-run spread; keeps the file small)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v, digits) for v in obj]
+    return obj
+
+
 def write_results(stem: Path, rec: dict) -> None:
-    write_json(Path(f"{stem}.json"), rec)
+    write_json(Path(f"{stem}.json"), _rounded(rec))
     write_text(Path(f"{stem}.md"), report.markdown(rec))
 
 
