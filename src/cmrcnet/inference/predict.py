@@ -269,6 +269,8 @@ def predict_spots(
     (`cmrcnet.inference.confidence`) and, when the run holds confidence_reference.json, uns["cmrcnet"]
     "confidence_reference" (its quantiles) and "fraction_below_reference_p5".
     """
+    if not 0.0 <= smooth <= 1.0:  # checked before the (long) prediction
+        raise ConfigError(f"smooth= (the weight of the neighbours' mean) must be in [0, 1], got {smooth}")
     device = next(trained.model.parameters()).device
     choice = resolve_precision(precision, device)
     dataset = PreparedDataset(data_dir)
