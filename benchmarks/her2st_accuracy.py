@@ -21,7 +21,8 @@ spots: mean, kNN on handcrafted features, kNN and ridge (HEST-Benchmark recipe) 
 Tuning: only k (retrieval and kNN), from a grid up to 400, by leave-one-training-section-out validation
 (benchmarks/accuracy/kchoice.py). Aggregation and paired bootstrap CIs: benchmarks/accuracy/stats.py.
 
-Writes benchmarks/results/her2st_accuracy.json and .md (or *_quick.* with --quick) after every fold, with the
+Writes benchmarks/results/her2st_accuracy.json, _runs.json.gz (the rows) and .md (or *_quick.* with --quick) after
+every fold, with the
 command, commit, machine and wall time.
 """
 

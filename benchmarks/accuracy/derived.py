@@ -38,7 +38,9 @@ def prediction_path(work: Path, row: dict) -> Path:
     return fold_dir / f"{variant}-seed{row['seed']}" / f"pred_{row['test']}{suffix}.h5ad"
 
 
-def _remake_trained(work: Path, ds: Path, row: dict, fold: dict) -> ad.AnnData:
+def _model_and_bank(work: Path, ds: Path, row: dict, fold: dict):
+    """(run folder, trained model, the bank the row retrieved from: None for regression, the run's bank, or it
+    plus the fold's expression-only sections for a `+bank` row)."""
     variant, suffix = _base(row["method"])
     rdir = work / "runs" / row["fold"] / f"{variant}-seed{row['seed']}"
     trained = load_trained_model(rdir)
@@ -48,6 +50,11 @@ def _remake_trained(work: Path, ds: Path, row: dict, fold: dict) -> ad.AnnData:
         if suffix:
             bank = merge_banks(bank, build_bank(trained, runner.PreparedDataset(ds), fold["extra_bank"],
                                                 allow_missing_genes=True, progress=False))
+    return rdir, trained, bank
+
+
+def _remake_trained(work: Path, ds: Path, row: dict, fold: dict) -> ad.AnnData:
+    _, trained, bank = _model_and_bank(work, ds, row, fold)
     return predict_spots(trained, bank, ds, [row["test"]], None, k=row["k"], progress=False)
 
 
@@ -130,15 +137,8 @@ def stain_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], v
                                      progress=False)
         target = lab_stats(train_imgs.images.numpy())
         for r in [r for r in mine if isinstance(r["seed"], int)]:
-            variant, suffix = _base(r["method"])
-            rdir = work / "runs" / name / f"{variant}-seed{r['seed']}"
-            trained = load_trained_model(rdir)
-            bank = None
-            if VARIANTS[variant].method != "regression":
-                bank = load_bank(rdir, trained)
-                if suffix:
-                    bank = merge_banks(bank, build_bank(trained, runner.PreparedDataset(ds), fold["extra_bank"],
-                                                        allow_missing_genes=True, progress=False))
+            suffix = _base(r["method"])[1]
+            rdir, trained, bank = _model_and_bank(work, ds, r, fold)
             pred = predict_spots(trained, bank, ds, [r["test"]], None, k=r["k"], progress=False, stain_target=target)
             out.append(make_row(fold, r["test"], f"{r['method']}+stain", r["seed"],
                                 runner.evaluate_row(pred, ds, rdir / f"eval_{r['test']}{suffix}+stain"),

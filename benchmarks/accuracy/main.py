@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmrcnet.atomic import write_json, write_text
 from cmrcnet.data.spots import load_spot_table, resize_uint8
 from cmrcnet.inference.bank import build_bank, load_bank, merge_banks
 from cmrcnet.inference.predict import embed_patches, predict_spots
 from cmrcnet.run.load import load_trained_model
 
-from . import derived, report, runner, stats
+from . import derived, results, runner, stats
 from . import methods as M
 from . import plan as P
 from .kchoice import K_GRID
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     stem = args.out or HERE / "results" / ("her2st_accuracy_quick" if args.quick else "her2st_accuracy")
     if args.merge:
-        records = [json.loads(p.read_text()) for p in args.merge]
+        records = [results.read_record(p) for p in args.merge]
         rec = {**records[-1], "runs": stats.merge_runs(records), "merged_from": [str(p) for p in args.merge],
                "command": " && ".join(r["command"] for r in records) + " (merged)",
                "wall_seconds_sum_of_parts": round(sum(r["wall_seconds"] for r in records), 1),
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         write_results(stem, rec)
         return 0
     if args.derive:
-        rec = json.loads(args.derive.read_text())
+        rec = results.read_record(args.derive)
         rows = [r for r in rec["runs"] if not r.get("derived")]
         work = args.work / ("quick" if rec["quick"] else "full")
         folds = {f["name"]: f for f in rec["folds"]}
@@ -106,20 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _rounded(obj, digits: int = 4):
-    """Floats rounded to `digits` decimals (far below the run-to-run spread; keeps the file small)."""
-    if isinstance(obj, float):
-        return round(obj, digits)
-    if isinstance(obj, dict):
-        return {k: _rounded(v, digits) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_rounded(v, digits) for v in obj]
-    return obj
-
-
 def write_results(stem: Path, rec: dict) -> None:
-    write_json(Path(f"{stem}.json"), _rounded(rec))
-    write_text(Path(f"{stem}.md"), report.markdown(rec))
+    results.write_record(stem, rec)
 
 
 def _row(fold: dict, test: str, method: str, seed: int | None, metrics: dict, **extra) -> dict:

@@ -5,11 +5,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from .report import _cell, _ci, peer
+from .results import read_record
 
 ROWS = ("cmrcnet-ssl+hc", "cmrcnet-rand+hc", "cmrcnet-ssl+hc+bank", "cmrcnet-rand+hc+bank", "cmrcnet-paper60",
         "cmrcnet-paper60+bank",
@@ -40,7 +40,7 @@ def table(summary: dict, rows: tuple[str, ...] = ROWS, *, paired: bool = True) -
 
 def main(argv: list[str]) -> int:
     path = Path(argv[0]) if argv else Path(__file__).resolve().parents[1] / "results" / "her2st_accuracy.json"
-    rec = json.loads(path.read_text())
+    rec = read_record(path)
     for protocol in ("patient", "patient-degraded", "within_patient"):
         if protocol in rec["summary"]:
             print(f"### {rec.get('protocol_titles', {}).get(protocol, protocol)}\n")

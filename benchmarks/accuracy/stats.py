@@ -81,9 +81,7 @@ def paired_difference(method_rows: Sequence[dict], base_rows: Sequence[dict], *,
     per_section = np.array([d.mean() for d in diffs])
     lo, hi = np.percentile(_bootstrap(diffs, n_boot, seed), [2.5, 97.5])
     return {"heg50_diff": float(per_section.mean()), "heg50_ci95": [float(lo), float(hi)],
-            "sign_count": f"{int((per_section > 0).sum())}/{len(per_section)}",
-            "per_section": {s: float(d) for s, d in zip(sections, per_section, strict=True)},
-            "n_boot": n_boot}
+            "sign_count": f"{int((per_section > 0).sum())}/{len(per_section)}"}
 
 
 def _bootstrap(diffs: list[np.ndarray], n_boot: int, seed: int) -> np.ndarray:
