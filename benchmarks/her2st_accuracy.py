@@ -22,8 +22,7 @@ Tuning: only k (retrieval and kNN), from a grid up to 400, by leave-one-training
 (benchmarks/accuracy/kchoice.py). Aggregation and paired bootstrap CIs: benchmarks/accuracy/stats.py.
 
 Writes benchmarks/results/her2st_accuracy.json, _runs.json.gz (the rows) and .md (or *_quick.* with --quick) after
-every fold, with the
-command, commit, machine and wall time.
+every fold, with the command, commit, machine and wall time.
 """
 
 from __future__ import annotations
