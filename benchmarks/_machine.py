@@ -23,8 +23,8 @@ def git_commit() -> str:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without .git (e.g. a GPU machine)
+        return os.environ.get("CMRCNET_COMMIT", "unknown")
 
 
 def machine_info() -> dict:

@@ -39,9 +39,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--derive", type=Path, help="add the derived rows (smoothing, seed ensembles) to this result "
                     "JSON from the runs under --work, then exit")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--device", default="cpu", help="training device: cpu, cuda or auto (evaluation stays on the CPU)")
     ap.add_argument("--quick", action="store_true", help="1 fold (train C2, test B4), tiny model, 1 seed, 1 epoch")
     ap.add_argument("--out", type=Path, help="results stem (default benchmarks/results/her2st_accuracy[_quick])")
     return ap.parse_args(argv)
+
+
+def _gpu_name(device: str) -> str | None:
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     rec = {"benchmark": "her2st_accuracy", "quick": args.quick, "complete": False,
            "command": " ".join(["python", "benchmarks/her2st_accuracy.py", *map(shlex.quote, sys.argv[1:])]),
            "commit": git_commit(), "src_uncommitted_changes": runner.git_dirty(), "machine": machine_info(),
+           "device": args.device, "gpu": _gpu_name(args.device),
            "seeds": seeds, "markers": M.MARKERS, "k_grid": list(K_GRID), "pretrain_recipe": M.PRETRAIN,
            "variants": {v: {**M.VARIANTS[v].__dict__} for v in variants}, "folds": plan, "encoders": encoders,
            "protocol_titles": P.PROTOCOL_TITLES}
@@ -135,7 +145,8 @@ def run_fold(fold: dict, seed: int, variants: list[str], args, work: Path, ds: P
         elif v.encoder == "random":
             enc = runner.random_encoder(work, "tiny" if args.quick else "cpu")
         rdir = fold_dir / f"{variant}-seed{seed}"
-        t_train = runner.trained_run(rdir, variant, seed, fold, ds, enc, args.quick, cache)
+        t_train = runner.trained_run(rdir, variant, seed, fold, ds, enc, args.quick, cache,
+                                     device=args.device)
         trained = load_trained_model(rdir)
         if train is None:
             train = load_spot_table(runner.PreparedDataset(ds), fold["train"], list(trained.genes), img_size=224,

@@ -145,13 +145,14 @@ def run_config(variant: str, seed: int, quick: bool, encoder_dir: Path | None, c
 
 
 def trained_run(rdir: Path, variant: str, seed: int, fold: dict, ds: Path, enc: Path | None, quick: bool,
-                cache: Path) -> float:
-    """Train (unless a complete run is there); returns the training seconds (sum of the epochs' times)."""
+                cache: Path, device: str = "cpu") -> float:
+    """Train (unless a complete run is there) on `device`; returns the training seconds (sum of the epochs'
+    times)."""
     info = rdir / "run.json"
     if not info.exists() or json.loads(info.read_text()).get("status") != "complete":
         shutil.rmtree(rdir, ignore_errors=True)
         train_run(data_dir=ds, train_samples=fold["train"], run_dir=rdir,
-                  config=run_config(variant, seed, quick, enc, cache), progress=False,
+                  config=run_config(variant, seed, quick, enc, cache), progress=False, device=device,
                   command=f"her2st_accuracy {variant} seed {seed}")
     return sum(float(line.split(",")[2]) for line in (rdir / "metrics.csv").read_text().splitlines()[1:])
 
