@@ -75,6 +75,34 @@ def test_report_puts_the_patient_table_first_and_labels_within_patient() -> None
     assert md.index("Held-out patient") < md.index("within-patient (same patient in training)")
 
 
+def _record(runs: list[dict], *, device: str = "cpu", gpu=None, seeds=(0,)) -> dict:
+    return {"benchmark": "her2st_accuracy", "quick": False, "complete": True, "command": f"run on {device}",
+            "commit": "abc", "machine": {"cpu": "cpu", "cpu_line": f"cpu of the {device} part", "torch": "t"},
+            "device": device, "gpu": gpu, "wall_seconds": 60.0, "markers": ["ERBB2"], "k_grid": [5],
+            "seeds": list(seeds), "encoders": {}, "variants": {}, "runs": runs}
+
+
+def test_a_merged_result_says_where_each_part_ran(tmp_path: Path) -> None:
+    from accuracy import main as bench_main
+    from accuracy import results
+
+    cpu = _record([{**_row("B4", "cmrcnet-x", 0, 0.2), "train_seconds": 4000.0},
+                   _row("B4", "knn-handcrafted", None, 0.1)])
+    gpu = _record([{**_row("B4", "bleep-y", 0, 0.3), "train_seconds": 40.0, "train_device": "cuda"},
+                   {**_row("B4", "bleep-y+bank", 0, 0.35), "train_seconds": 40.0, "train_device": "cuda"}],
+                  device="cuda", gpu="NVIDIA H200", seeds=(1,))
+    results.write_record(tmp_path / "cpu", cpu)
+    results.write_record(tmp_path / "gpu", gpu)
+    assert bench_main.main(["--merge", str(tmp_path / "cpu.json"), str(tmp_path / "gpu.json"),
+                            "--out", str(tmp_path / "merged")]) == 0
+    rec = results.read_record(tmp_path / "merged.json")
+    assert [(p["device"], p["gpu"]) for p in rec["parts"]] == [("cpu", None), ("cuda", "NVIDIA H200")]
+    assert rec["parts"][1]["methods"] == ["bleep-y", "bleep-y+bank"] and rec["seeds"] == [0, 1]
+    md = (tmp_path / "merged.md").read_text()
+    assert "| bleep-y | cuda | 1 | 40 |" in md and "| cmrcnet-x | cpu | 1 | 4000 |" in md
+    assert "GPU NVIDIA H200" in md
+
+
 # ---------------------------------------------------------------------- k choice
 def test_k_choice_prefers_few_neighbours_when_neighbours_are_exact() -> None:
     rng = np.random.default_rng(1)

@@ -45,6 +45,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _parts(rec: dict) -> list[dict]:
+    """Where each part of a merged record ran (machine, device, commit, wall time, methods)."""
+    if rec.get("parts"):
+        return rec["parts"]
+    return [{"command": rec["command"], "commit": rec.get("commit"), "cpu": rec["machine"].get("cpu_line"),
+             "device": rec.get("device", "cpu"), "gpu": rec.get("gpu"), "wall_seconds": rec.get("wall_seconds"),
+             "methods": sorted({r["method"] for r in rec["runs"]})}]
+
+
 def _gpu_name(device: str) -> str | None:
     import torch
 
@@ -63,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         records = [results.read_record(p) for p in args.merge]
         rec = {**records[-1], "runs": stats.merge_runs(records), "merged_from": [str(p) for p in args.merge],
+               "parts": [part for r in records for part in _parts(r)],
+               "seeds": sorted({s for r in records for s in r.get("seeds", [])}),
                "command": " && ".join(r["command"] for r in records) + " (merged)",
                "wall_seconds_sum_of_parts": round(sum(r["wall_seconds"] for r in records), 1),
                "encoders": {k: v for r in records for k, v in r["encoders"].items()},
@@ -173,7 +184,7 @@ def run_fold(fold: dict, seed: int, variants: list[str], args, work: Path, ds: P
                 out = rdir / f"eval_{test}{suffix}"
                 rows.append(_row(fold, test, variant + suffix, seed, runner.evaluate_row(pred, ds, out), k=k,
                                  k_scores=scores, k_choice=how, k_at_grid_top=k is not None and k >= max(scores),
-                                 train_seconds=round(t_train, 1),
+                                 train_seconds=round(t_train, 1), train_device=args.device,
                                  bank_spots=None if pair is None else len(pair[0]),
                                  bank_samples=None if pair is None else pair[0].samples))
     if baselines and refs:

@@ -162,4 +162,33 @@ def markdown(rec: dict) -> str:
         p = info.get("pretraining", {})
         slides = [s["path"].rsplit("/", 1)[-1] for s in p.get("slides", [])]
         lines.append(f"- {name}: slides {slides}, {p.get('n_tiles')} tiles, {p.get('wall_seconds')} s")
+    lines += _train_times(rec.get("runs", [])) + _parts(rec)
     return "\n".join(lines) + "\n"
+
+
+def _train_times(runs: list[dict]) -> list[str]:
+    """Training time per trained variant and device (sum of the epochs' times, mean over its runs)."""
+    times: dict[tuple, list[float]] = {}
+    for r in runs:
+        if r.get("train_seconds") and not r.get("derived") and "+" not in r["method"]:
+            times.setdefault((r["method"], r.get("train_device", "cpu")), []).append(r["train_seconds"])
+    if not times:
+        return []
+    lines = ["", "## Training time (sum of the epochs' times; mean over runs)", "",
+             "| variant | device | runs | seconds |", "|---|---|---|---|"]
+    for (method, device), ts in sorted(times.items()):
+        lines.append(f"| {method} | {device} | {len(ts)} | {sum(ts) / len(ts):.0f} |")
+    return lines
+
+
+def _parts(rec: dict) -> list[str]:
+    """Where the parts of a merged record ran."""
+    if not rec.get("parts"):
+        return []
+    lines = ["", "## Parts of this merged result", ""]
+    for p in rec["parts"]:
+        gpu = f", GPU {p['gpu']}" if p.get("gpu") else ""
+        wall = p.get("wall_seconds") or 0
+        lines.append(f"- `{p['command']}`: commit {p.get('commit')}; {p.get('cpu')}; training device "
+                     f"{p.get('device', 'cpu')}{gpu}; {wall / 60:.0f} min; methods {', '.join(p['methods'])}")
+    return lines
