@@ -89,15 +89,19 @@ def test_a_merged_result_says_where_each_part_ran(tmp_path: Path) -> None:
     cpu = _record([{**_row("B4", "cmrcnet-x", 0, 0.2), "train_seconds": 4000.0},
                    _row("B4", "knn-handcrafted", None, 0.1)])
     gpu = _record([{**_row("B4", "bleep-y", 0, 0.3), "train_seconds": 40.0, "train_device": "cuda"},
+                   {**_row("B4", "bleep-y", 0, 0.3, protocol="patient-degraded"), "train_seconds": 40.0,
+                    "train_device": "cuda"},
                    {**_row("B4", "bleep-y+bank", 0, 0.35), "train_seconds": 40.0, "train_device": "cuda"}],
                   device="cuda", gpu="NVIDIA H200", seeds=(1,))
+    gpu["variants"] = {"bleep-y": {}}
+    cpu["variants"] = {"cmrcnet-x": {}}
     results.write_record(tmp_path / "cpu", cpu)
     results.write_record(tmp_path / "gpu", gpu)
     assert bench_main.main(["--merge", str(tmp_path / "cpu.json"), str(tmp_path / "gpu.json"),
                             "--out", str(tmp_path / "merged")]) == 0
     rec = results.read_record(tmp_path / "merged.json")
     assert [(p["device"], p["gpu"]) for p in rec["parts"]] == [("cpu", None), ("cuda", "NVIDIA H200")]
-    assert rec["parts"][1]["methods"] == ["bleep-y", "bleep-y+bank"] and rec["seeds"] == [0, 1]
+    assert rec["parts"][1]["variants"] == ["bleep-y"] and rec["seeds"] == [0, 1]
     md = (tmp_path / "merged.md").read_text()
     assert "| bleep-y | cuda | 1 | 40 |" in md and "| cmrcnet-x | cpu | 1 | 4000 |" in md
     assert "GPU NVIDIA H200" in md

@@ -14,6 +14,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
+from cmrcnet.data.hdf5 import write_h5ad
 from cmrcnet.data.spots import load_spot_table
 from cmrcnet.inference.bank import build_bank, load_bank, merge_banks
 from cmrcnet.inference.predict import predict_spots
@@ -72,7 +73,7 @@ def _remake_baselines(work: Path, ds: Path, fold: dict, rows: list[dict], varian
                             target_sum=trained.run_config.genes.target_sum, progress=False)
     for (test, method), (pred, _info) in baseline_predictions(
             fold, train, refs, variants, seed, work / "runs" / fold["name"], ds).items():
-        pred.write_h5ad(work / "runs" / fold["name"] / f"pred_{method}_{test}.h5ad")
+        write_h5ad(pred, work / "runs" / fold["name"] / f"pred_{method}_{test}.h5ad")
 
 
 def ensure_predictions(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], variants: list[str]) -> None:
@@ -81,7 +82,7 @@ def ensure_predictions(work: Path, ds: Path, rows: list[dict], folds: dict[str, 
     for r in trained_rows:
         path = prediction_path(work, r)
         if not path.exists():
-            _remake_trained(work, ds, r, folds[r["fold"]]).write_h5ad(path)
+            write_h5ad(_remake_trained(work, ds, r, folds[r["fold"]]), path)
     for name in sorted({r["fold"] for r in rows if r["seed"] is None}):
         base_rows = [r for r in rows if r["fold"] == name and r["seed"] is None]
         if any(not prediction_path(work, r).exists() for r in base_rows):

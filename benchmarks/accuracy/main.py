@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cmrcnet.data.hdf5 import write_h5ad
 from cmrcnet.data.spots import load_spot_table, resize_uint8
 from cmrcnet.inference.bank import build_bank, load_bank, merge_banks
 from cmrcnet.inference.predict import embed_patches, predict_spots
@@ -50,8 +51,9 @@ def _parts(rec: dict) -> list[dict]:
     if rec.get("parts"):
         return rec["parts"]
     return [{"command": rec["command"], "commit": rec.get("commit"), "cpu": rec["machine"].get("cpu_line"),
-             "device": rec.get("device", "cpu"), "gpu": rec.get("gpu"), "wall_seconds": rec.get("wall_seconds"),
-             "methods": sorted({r["method"] for r in rec["runs"]})}]
+             "device": rec.get("device", "cpu"), "gpu": rec.get("gpu"),
+             "wall_seconds": rec.get("wall_seconds_sum_of_parts", rec.get("wall_seconds")),
+             "variants": sorted(rec.get("variants", {}))}]
 
 
 def _gpu_name(device: str) -> str | None:
@@ -179,7 +181,7 @@ def run_fold(fold: dict, seed: int, variants: list[str], args, work: Path, ds: P
             for test in fold["tests"]:
                 pred = predict_spots(trained, None if pair is None else pair[0], ds, [test], None, k=k,
                                      progress=False)
-                pred.write_h5ad(rdir / f"pred_{test}{suffix}.h5ad")  # for the derived rows (smoothing, ensembles)
+                write_h5ad(pred, rdir / f"pred_{test}{suffix}.h5ad")  # for the derived rows (smoothing, ensembles)
                 refs.setdefault(test, pred)
                 out = rdir / f"eval_{test}{suffix}"
                 rows.append(_row(fold, test, variant + suffix, seed, runner.evaluate_row(pred, ds, out), k=k,
@@ -239,7 +241,7 @@ def baseline_rows(fold: dict, train, refs: dict, variants: list[str], seed: int,
     rows = []
     for (test, method), (pred, info) in baseline_predictions(fold, train, refs, variants, seed, fold_dir,
                                                              ds).items():
-        pred.write_h5ad(fold_dir / f"pred_{method}_{test}.h5ad")
+        write_h5ad(pred, fold_dir / f"pred_{method}_{test}.h5ad")
         metrics = runner.evaluate_row(pred, ds, fold_dir / f"eval_{method}_{test}")
         rows.append(_row(fold, test, method, None, metrics, k=info.get("k"), k_scores=info.get("k_scores", {}),
                          k_choice=info.get("k_choice", ""),

@@ -162,21 +162,23 @@ def markdown(rec: dict) -> str:
         p = info.get("pretraining", {})
         slides = [s["path"].rsplit("/", 1)[-1] for s in p.get("slides", [])]
         lines.append(f"- {name}: slides {slides}, {p.get('n_tiles')} tiles, {p.get('wall_seconds')} s")
-    lines += _train_times(rec.get("runs", [])) + _parts(rec)
+    lines += _train_times(rec.get("runs", []), set(rec.get("variants", {}))) + _parts(rec)
     return "\n".join(lines) + "\n"
 
 
-def _train_times(runs: list[dict]) -> list[str]:
+def _train_times(runs: list[dict], variants: set[str]) -> list[str]:
     """Training time per trained variant and device (sum of the epochs' times, mean over its runs)."""
-    times: dict[tuple, list[float]] = {}
+    times: dict[tuple, dict] = {}  # (variant, device) -> {(fold, seed): seconds}: one model, several test rows
     for r in runs:
-        if r.get("train_seconds") and not r.get("derived") and "+" not in r["method"]:
-            times.setdefault((r["method"], r.get("train_device", "cpu")), []).append(r["train_seconds"])
+        if r.get("train_seconds") and r["method"] in variants:
+            times.setdefault((r["method"], r.get("train_device", "cpu")), {})[(r.get("fold"), r["seed"])] = \
+                r["train_seconds"]
     if not times:
         return []
-    lines = ["", "## Training time (sum of the epochs' times; mean over runs)", "",
-             "| variant | device | runs | seconds |", "|---|---|---|---|"]
-    for (method, device), ts in sorted(times.items()):
+    lines = ["", "## Training time (sum of the epochs' times; mean over the trained models)", "",
+             "| variant | device | models | seconds |", "|---|---|---|---|"]
+    for (method, device), by_model in sorted(times.items()):
+        ts = list(by_model.values())
         lines.append(f"| {method} | {device} | {len(ts)} | {sum(ts) / len(ts):.0f} |")
     return lines
 
@@ -190,5 +192,5 @@ def _parts(rec: dict) -> list[str]:
         gpu = f", GPU {p['gpu']}" if p.get("gpu") else ""
         wall = p.get("wall_seconds") or 0
         lines.append(f"- `{p['command']}`: commit {p.get('commit')}; {p.get('cpu')}; training device "
-                     f"{p.get('device', 'cpu')}{gpu}; {wall / 60:.0f} min; methods {', '.join(p['methods'])}")
+                     f"{p.get('device', 'cpu')}{gpu}; {wall / 60:.0f} min; variants {', '.join(p['variants'])}")
     return lines

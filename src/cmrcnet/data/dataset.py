@@ -27,7 +27,7 @@ from PIL import Image
 from cmrcnet import __version__
 from cmrcnet.atomic import commit, discard, stage, write_json
 from cmrcnet.constants import IMAGE_DIR, METADATA_DIR, PATCHES_DIR, SPATIAL_KEY, ST_DIR
-from cmrcnet.data.hdf5 import probe_hdf5
+from cmrcnet.data.hdf5 import probe_hdf5, write_h5ad
 from cmrcnet.data.patches import PatchSet
 from cmrcnet.data.sample import Sample, check_sparse
 from cmrcnet.errors import InputFileError, require_dir
@@ -86,7 +86,7 @@ def write_sample(root: str | Path, sample: Sample, patches: PatchSet | None, *, 
     staged: list[tuple[Path, Path]] = []  # (temporary, final) pairs, renamed together at the end
     try:
         st_final = root / ST_DIR / f"{sid}.h5ad"
-        staged.append((stage(st_final, counts.write_h5ad), st_final))
+        staged.append((stage(st_final, lambda p: write_h5ad(counts, p)), st_final))
         if patches is not None:
             h5_final = root / PATCHES_DIR / f"{sid}.h5"
             staged.append((stage(h5_final, lambda p: _write_patches_h5(p, patches, content_id)), h5_final))

@@ -105,3 +105,43 @@ def _read_attrs(obj: h5py.HLObject) -> None:
             obj.attrs[key]
         except Exception:
             pass
+
+
+def write_h5ad(adata, path: str | Path) -> None:
+    """`adata.write_h5ad(path)`, with pandas' nullable string columns and indexes written as plain strings.
+
+    pandas 3 makes every str column a nullable `StringDtype`. anndata up to at least 0.12 refuses to write those
+    unless its `allow_write_nullable_strings` setting is on, and files written that way do not open in anndata
+    0.10. Plain strings open everywhere. The caller's `adata` is left as it was."""
+    frames = {"obs": adata.obs, "var": adata.var}
+    plain = {name: _plain_strings(df) for name, df in frames.items()}
+    if all(plain[name] is frames[name] for name in frames):
+        adata.write_h5ad(path)
+        return
+    try:
+        adata.obs, adata.var = plain["obs"], plain["var"]
+        adata.write_h5ad(path)
+    finally:
+        adata.obs, adata.var = frames["obs"], frames["var"]
+
+
+def _plain_strings(df):
+    import pandas as pd
+
+    def nullable(dtype) -> bool:
+        if isinstance(dtype, pd.CategoricalDtype):
+            return isinstance(dtype.categories.dtype, pd.StringDtype)
+        return isinstance(dtype, pd.StringDtype)
+
+    columns = [c for c in df.columns if nullable(df[c].dtype)]
+    if not columns and not nullable(df.index.dtype):
+        return df
+    out = df.copy(deep=False)
+    for c in columns:
+        col = df[c]
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            out[c] = col.cat.set_categories(pd.Index(list(col.cat.categories), dtype=object))
+        else:
+            out[c] = col.astype(object)
+    out.index = pd.Index(list(df.index), dtype=object, name=df.index.name)
+    return out

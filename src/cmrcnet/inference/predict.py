@@ -16,6 +16,7 @@ from cmrcnet import __version__
 from cmrcnet.atomic import atomic_path
 from cmrcnet.constants import CMRCNET_UNS, SAMPLE_KEY, SPATIAL_KEY
 from cmrcnet.data.dataset import PreparedDataset
+from cmrcnet.data.hdf5 import write_h5ad
 from cmrcnet.data.spots import load_spot_table
 from cmrcnet.data.stain import LabStats, load_stain_reference, normalise_to
 from cmrcnet.errors import ConfigError
@@ -347,7 +348,7 @@ def predict_spots(
     _add_tissue_images(adata, dataset, samples)
     if out_path is not None:
         with atomic_path(out_path) as tmp:
-            adata.write_h5ad(tmp)
+            write_h5ad(adata, tmp)
     return adata
 
 

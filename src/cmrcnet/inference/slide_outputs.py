@@ -11,6 +11,7 @@ import numpy as np
 
 from cmrcnet.atomic import atomic_path
 from cmrcnet.constants import CMRCNET_UNS
+from cmrcnet.data.hdf5 import write_h5ad
 from cmrcnet.data.tissue import TissueMask
 from cmrcnet.inference.confidence import LOW_PERCENTILE, SIMILARITY_KEY
 from cmrcnet.inference.export import GEOJSON_FILE, write_tiles_geojson
@@ -131,7 +132,7 @@ def write_slide_outputs(
     if confidence_map and SIMILARITY_KEY in adata.obs:
         files.append(_confidence_map(out_dir, adata, thumb, mask, rows, cols, sid, geometry))
     with atomic_path(out_dir / PREDICTION_FILE) as tmp:
-        adata.write_h5ad(tmp)
+        write_h5ad(adata, tmp)
     files.append(out_dir / PREDICTION_FILE)
     return files
 
