@@ -56,7 +56,7 @@ def _model_and_bank(work: Path, ds: Path, row: dict, fold: dict):
 
 def _remake_trained(work: Path, ds: Path, row: dict, fold: dict) -> ad.AnnData:
     _, trained, bank = _model_and_bank(work, ds, row, fold)
-    return predict_spots(trained, bank, ds, [row["test"]], None, k=row["k"], progress=False)
+    return predict_spots(trained, bank, ds, [row["test"]], None, k=row["k"], progress=False, smooth=0.0)
 
 
 def _remake_baselines(work: Path, ds: Path, fold: dict, rows: list[dict], variants: list[str]) -> None:
@@ -140,7 +140,8 @@ def stain_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], v
         for r in [r for r in mine if isinstance(r["seed"], int)]:
             suffix = _base(r["method"])[1]
             rdir, trained, bank = _model_and_bank(work, ds, r, fold)
-            pred = predict_spots(trained, bank, ds, [r["test"]], None, k=r["k"], progress=False, stain_target=target)
+            pred = predict_spots(trained, bank, ds, [r["test"]], None, k=r["k"], progress=False, stain_target=target,
+                                 smooth=0.0)
             out.append(make_row(fold, r["test"], f"{r['method']}+stain", r["seed"],
                                 runner.evaluate_row(pred, ds, rdir / f"eval_{r['test']}{suffix}+stain"),
                                 k=r["k"], derived="test patches colour-normalised to the training patches"))

@@ -179,7 +179,7 @@ def run_fold(fold: dict, seed: int, variants: list[str], args, work: Path, ds: P
             if pair is not None:
                 k, scores, how = runner.retrieval_k(trained, table, bank, pair[1], img)
             for test in fold["tests"]:
-                pred = predict_spots(trained, None if pair is None else pair[0], ds, [test], None, k=k,
+                pred = predict_spots(trained, None if pair is None else pair[0], ds, [test], None, k=k, smooth=0.0,
                                      progress=False)
                 write_h5ad(pred, rdir / f"pred_{test}{suffix}.h5ad")  # for the derived rows (smoothing, ensembles)
                 refs.setdefault(test, pred)

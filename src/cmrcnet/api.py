@@ -163,7 +163,7 @@ class Model:
         precision: str = "auto",
         progress: bool = True,
         stain_normalise: bool = False,
-        smooth: float = 0.0,
+        smooth: float = 0.5,
     ) -> ad.AnnData:
         """Predict every spot of prepared `samples` (a sample never retrieves its own bank spots).
 
@@ -187,7 +187,9 @@ class Model:
             ``uns["cmrcnet"]["stain_normalisation"]``.
         smooth
             Average each spot's prediction with its neighbours' (weight of the neighbours' mean, 0-1;
-            `cmrcnet.inference.smoothing`, predictions only, never measured expression); 0: none.
+            `cmrcnet.inference.smoothing`, predictions only, never measured expression). Default 0.5: it
+            raised HEG-50 and marker PCC on held-out her2st patients (benchmarks/results/her2st_accuracy.md);
+            0: none.
 
         Returns
         -------

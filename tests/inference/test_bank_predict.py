@@ -176,13 +176,18 @@ def test_smooth_averages_each_spot_with_its_neighbours(trained: tuple[Path, Path
     from cmrcnet.inference.smoothing import smooth_neighbours
 
     ds, run = trained
-    plain = predict_samples(run, ds, ["synS3"], None, progress=False, precision="fp32")
+    plain = predict_samples(run, ds, ["synS3"], None, progress=False, precision="fp32", smooth=0.0)
+    assert plain.uns["cmrcnet"]["smoothing_weight"] == 0.0
     out = tmp_path / "smooth.h5ad"
+    # no --smooth: the default weight 0.5
     assert main(["predict", "--model", str(run), "--data", str(ds), "--samples", "synS3", "--out", str(out),
-                 "--smooth", "0.5", "--precision", "fp32", "--quiet"]) == 0
+                 "--precision", "fp32", "--quiet"]) == 0
     smooth = ad.read_h5ad(out)
     expected = smooth_neighbours(np.asarray(plain.X), np.asarray(plain.obsm["spatial"]), weight=0.5)
     np.testing.assert_allclose(np.asarray(smooth.X), expected, rtol=1e-5, atol=1e-6)
     assert smooth.uns["cmrcnet"]["smoothing_weight"] == 0.5
+    assert main(["predict", "--model", str(run), "--data", str(ds), "--samples", "synS3", "--out",
+                 str(tmp_path / "off.h5ad"), "--smooth", "0", "--precision", "fp32", "--quiet"]) == 0
+    np.testing.assert_allclose(ad.read_h5ad(tmp_path / "off.h5ad").X, np.asarray(plain.X), rtol=1e-5, atol=1e-6)
     assert main(["predict", "--model", str(run), "--data", str(ds), "--samples", "synS3", "--out",
                  str(tmp_path / "bad.h5ad"), "--smooth", "2", "--quiet"]) == 2

@@ -6,7 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from cmrcnet.cli._common import PRECISION_HELP, _add_precision, _add_stain, _id_list, _positive_int
+from cmrcnet.cli._common import (
+    PRECISION_HELP,
+    _add_precision,
+    _add_smooth,
+    _add_stain,
+    _id_list,
+    _positive_int,
+)
 from cmrcnet.errors import ConfigError
 from cmrcnet.runtime import PRECISION_CHOICES
 
@@ -85,9 +92,7 @@ def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--ema", action="store_true", default=None, help="use the EMA weights")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="patches per forward pass")
     _add_stain(p)
-    p.add_argument("--smooth", type=float, default=0.0, metavar="W",
-                   help="average each spot with its neighbours' predictions, weight W of their mean (0-1; "
-                   "default 0: none; measured in benchmarks/results/her2st_accuracy.md)")
+    _add_smooth(p, "spot")
     _add_precision(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(handler=_run_predict)

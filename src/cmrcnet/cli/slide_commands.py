@@ -7,7 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from cmrcnet.cli._common import _add_precision, _add_stain, _id_list, _positive_float, _positive_int
+from cmrcnet.cli._common import (
+    _add_precision,
+    _add_smooth,
+    _add_stain,
+    _id_list,
+    _positive_float,
+    _positive_int,
+)
 
 # --- predict-slide and predict-slides ----------------------------------------------------------------------
 SLIDE_OUTPUTS = (
@@ -41,6 +48,7 @@ def _add_slide_options(p: argparse.ArgumentParser, *, pixel_size_help: str) -> N
     p.add_argument("--k", type=_positive_int, help="neighbours to average (default from the run)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="tiles per forward pass (default 64)")
     _add_stain(p)
+    _add_smooth(p, "tile")
     _add_precision(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     from cmrcnet.data.slide_reader import READERS
@@ -63,6 +71,7 @@ def _slide_options(args: argparse.Namespace) -> dict:
         min_tissue=args.min_tissue,
         reader=args.reader,
         stain_normalise=args.stain_normalise,
+        smooth=args.smooth,
     )
 
 

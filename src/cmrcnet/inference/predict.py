@@ -31,7 +31,7 @@ from cmrcnet.inference.confidence import (
 )
 from cmrcnet.inference.export import SPATIAL_UNS, SPOT_DIAMETER_UM, spatial_library
 from cmrcnet.inference.retrieval import WEIGHTINGS, aggregate, clamp_k, make_index
-from cmrcnet.inference.smoothing import smooth_neighbours
+from cmrcnet.inference.smoothing import DEFAULT_SMOOTH, smooth_neighbours
 from cmrcnet.models.preprocess import images_to_float
 from cmrcnet.run.layout import STAIN_REFERENCE_FILE
 from cmrcnet.run.load import TrainedModel, load_trained_model
@@ -200,7 +200,7 @@ def predict_samples(
     device: str = "cpu",
     progress: bool = True,
     stain_normalise: bool = False,
-    smooth: float = 0.0,
+    smooth: float = DEFAULT_SMOOTH,
 ) -> ad.AnnData:
     """Predict log1p expression for every spot of `samples`; write PRED.h5ad atomically when `out_path` is given.
 
@@ -257,13 +257,14 @@ def predict_spots(
     precision: str = "auto",
     progress: bool = True,
     stain_target: LabStats | None = None,
-    smooth: float = 0.0,
+    smooth: float = DEFAULT_SMOOTH,
 ) -> ad.AnnData:
     """`predict_samples` for a model already loaded (and its bank; None for the regression method).
 
     `stain_target`: colour statistics to map each sample's patches onto before embedding (slide-level Reinhard,
     `cmrcnet.data.stain`), e.g. those of the training patches for a slide from another scanner; None: as is.
-    `smooth`: weight of the neighbouring spots' predictions (`cmrcnet.inference.smoothing`; 0: none).
+    `smooth`: weight of the neighbouring spots' predictions (`cmrcnet.inference.smoothing`; default 0.5,
+    measured in benchmarks/results/her2st_accuracy.md; 0: none).
 
     Writes X (spots x genes), obs "sample_id", "barcode", "library_id", obsm "spatial", uns "spatial" and
     uns "cmrcnet" (provenance). Retrieval methods also write obs "retrieval_similarity" and "neighbour_spread"

@@ -63,6 +63,7 @@ from cmrcnet.inference.slide_outputs import (
     TUMOUR_MASK_FILE,
     write_slide_outputs,
 )
+from cmrcnet.inference.smoothing import DEFAULT_SMOOTH, smooth_neighbours
 from cmrcnet.inference.tiles import SlideLayout, TileGrid, lay_tiles, predict_tiles
 from cmrcnet.inference.tumour import SCORE_KEY, TUMOUR_KEY, tumour_score
 from cmrcnet.reports import REPORT_FILE, slide_report
@@ -147,6 +148,7 @@ def predict_slide(
     plots: bool = True,
     progress: bool = True,
     stain_normalise: bool = False,
+    smooth: float = DEFAULT_SMOOTH,
 ) -> SlidePrediction:
     """Predict log1p expression for every tissue tile of `slide` and write the outputs into `out_dir`.
 
@@ -171,9 +173,11 @@ def predict_slide(
         stain_normalise: map the slide's colours onto the run's training patches before prediction
             (slide-level Reinhard, `cmrcnet.data.stain`; the slide's statistics come from the tissue pixels of
             its thumbnail; black background made white).
+        smooth: weight of the neighbouring tiles' predictions in each tile's (`cmrcnet.inference.smoothing`;
+            default 0.5, measured on held-out patients; 0: none). The tumour score is computed after it.
     """
     t_start = time.perf_counter()
-    _check_options(batch_size=batch_size, min_tissue=min_tissue, step_um=step_um)
+    _check_options(batch_size=batch_size, min_tissue=min_tissue, step_um=step_um, smooth=smooth)
     out_dir = Path(out_dir)
     choice = resolve_precision(precision, device)
     trained = load_trained_model(run_dir, device=device)
@@ -213,6 +217,8 @@ def predict_slide(
         )
         seconds_pred = time.perf_counter() - t_pred
 
+    if smooth and len(preds) > 1:
+        preds = smooth_neighbours(preds, layout.centers, weight=smooth)
     adata = _tiles_adata(preds, model_genes, sample_id, layout)
     used_markers = _add_tumour_score(adata, preds, model_genes, score_markers, threshold)
     stats = _tile_stats(layout, seconds_pred, choice.precision)
@@ -241,6 +247,7 @@ def predict_slide(
         "tumour_markers": used_markers,
         "tumour_threshold": float("nan") if threshold is None else float(threshold),
         "stain_normalisation": STAIN_NOTE if stain is not None else "none",
+        "smoothing_weight": float(smooth),
     }
     adata.uns[SPATIAL_UNS] = {sample_id: spatial_library(layout.thumb, 1.0 / layout.thumb_ds, layout.fov_px)}
     adata.obs["library_id"] = pd.Categorical([sample_id] * len(layout.rows))
@@ -261,7 +268,9 @@ def predict_slide(
     return SlidePrediction(adata, out_dir, files, stats)
 
 
-def _check_options(*, batch_size: int, min_tissue: float, step_um: float | None) -> None:
+def _check_options(*, batch_size: int, min_tissue: float, step_um: float | None, smooth: float = 0.0) -> None:
+    if not 0.0 <= smooth <= 1.0:
+        raise ConfigError(f"smooth= (the weight of the neighbours' mean) must be in [0, 1], got {smooth}")
     if batch_size < 1:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
     if not 0.0 <= min_tissue <= 1.0:
