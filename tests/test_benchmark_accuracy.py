@@ -59,6 +59,21 @@ def test_paired_difference_is_paired_by_gene_and_section() -> None:
     assert "knn-handcrafted" not in stats.summarise(rows, n_boot=10)["patient"]["knn-handcrafted"]["vs"]
 
 
+def test_markers_are_paired_per_section_with_no_ci_below_three_sections() -> None:
+    rows = []
+    for s, (m, b) in {"C2": (0.3, 0.1), "C3": (0.2, 0.1), "C4": (0.25, 0.2), "B4": (0.1, 0.2)}.items():
+        rows += [{**_row(s, "cmrcnet-x", seed, 0.1, ["g"], [0.1]), "pcc_markers": m + 0.01 * (seed - 1)}
+                 for seed in (0, 1, 2)]
+        rows.append({**_row(s, "knn-handcrafted", None, 0.1, ["g"], [0.1]), "pcc_markers": b})
+    cmp = stats.summarise(rows, n_boot=500)["patient"]["cmrcnet-x"]["vs"]["knn-handcrafted"]
+    assert cmp["markers_diff"] == pytest.approx((0.2 + 0.1 + 0.05 - 0.1) / 4)  # seeds averaged per section
+    assert cmp["markers_sign_count"] == "3/4"
+    lo, hi = cmp["markers_ci95"]
+    assert -0.1 <= lo < cmp["markers_diff"] < hi <= 0.2
+    two = [r for r in rows if r["test"] in ("C2", "C3")]
+    assert stats.summarise(two, n_boot=50)["patient"]["cmrcnet-x"]["vs"]["knn-handcrafted"]["markers_ci95"] is None
+
+
 def test_genes_constant_in_the_data_are_left_out_of_the_pairs() -> None:
     rows = [_row("B4", "cmrcnet-x", 0, 0.5, ["a", "b"], [0.5, None]),
             _row("B4", "mean", None, 0.0, ["a", "b"], [0.0, None])]

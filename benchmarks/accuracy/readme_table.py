@@ -11,9 +11,9 @@ from pathlib import Path
 from .report import _cell, _ci, peer
 from .results import read_record
 
-ROWS = ("cmrcnet-ssl+hc", "cmrcnet-rand+hc", "cmrcnet-ssl+hc+bank", "cmrcnet-rand+hc+bank", "cmrcnet-paper60",
-        "cmrcnet-paper60+bank",
-        "bleep-ssl+hc", "bleep-rand+hc", "bleep-ssl+hc+bank", "bleep-rand+hc+bank", "bleep-paper60",
+ROWS = ("cmrcnet-ssl+hc", "cmrcnet-rand+hc", "cmrcnet-cpu30", "cmrcnet-ssl+hc+bank", "cmrcnet-rand+hc+bank",
+        "cmrcnet-cpu30+bank", "cmrcnet-paper60", "cmrcnet-paper60+bank", "cmrcnet-paper60-cpu", "cmrcnet-paper60-cpu+bank",
+        "bleep-ssl+hc", "bleep-rand+hc", "bleep-ssl+hc+bank", "bleep-rand+hc+bank", "bleep-paper60", "bleep-paper60+bank",
         "regression-ssl+hc", "regression-rand+hc", "ridge-ssl+hc", "ridge-rand+hc", "knn-ssl+hc", "knn-rand+hc",
         "knn-handcrafted", "mean")
 VS = ("knn-handcrafted", "knn", "ridge", "bleep")
@@ -38,6 +38,26 @@ def table(summary: dict, rows: tuple[str, ...] = ROWS, *, paired: bool = True) -
     return "\n".join(lines)
 
 
+MARKER_ROWS = ("cmrcnet-ssl+hc", "cmrcnet-rand+hc", "cmrcnet-cpu30", "cmrcnet-ssl+hc+bank", "cmrcnet-ssl+hc+smooth",
+               "cmrcnet-ssl+hc+bank+smooth", "cmrcnet-ssl+hc+bank-ens+smooth", "bleep-ssl+hc", "regression-ssl+hc",
+               "knn-ssl+hc", "knn-handcrafted")
+
+
+def markers_table(summary: dict, rows: tuple[str, ...] = MARKER_ROWS) -> str:
+    """Marker PCC with the per-section paired differences (bootstrap over sections only)."""
+    head = ["method", "sections x seeds", "markers PCC"] + [f"markers vs {v}" for v in VS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in [r for r in rows if r in summary]:
+        e = summary[m]
+        seeds = sorted({len(v) for v in e["seeds_per_section"].values()})
+        cells = [m, f"{len(e['tests'])} x {'/'.join(map(str, seeds))}", _cell(e["pcc_markers"])]
+        for kind in VS:
+            b = peer(m, kind, summary)
+            cells.append(_ci(e["vs"][b], "markers") if b and b in e["vs"] else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     path = Path(argv[0]) if argv else Path(__file__).resolve().parents[1] / "results" / "her2st_accuracy.json"
     rec = read_record(path)
@@ -46,6 +66,9 @@ def main(argv: list[str]) -> int:
             print(f"### {rec.get('protocol_titles', {}).get(protocol, protocol)}\n")
             print(table(rec["summary"][protocol], paired=protocol != "within_patient"))
             print()
+            if protocol == "patient":
+                print(markers_table(rec["summary"][protocol]))
+                print()
     return 0
 
 

@@ -19,10 +19,15 @@ def _cell(s: dict, digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f}" + (f" ± {s['std']:.{digits}f}" if s.get("std") is not None else "")
 
 
-def _ci(c: dict) -> str:
-    lo, hi = c["heg50_ci95"]
+def _ci(c: dict, name: str = "heg50") -> str:
+    if f"{name}_diff" not in c:
+        return ""
+    sign = c["sign_count"] if name == "heg50" else c[f"{name}_sign_count"]
+    if c.get(f"{name}_ci95") is None:
+        return f"{c[f'{name}_diff']:+.3f} {sign}"
+    lo, hi = c[f"{name}_ci95"]
     mark = " **>0**" if lo > 0 else (" <0" if hi < 0 else "")
-    return f"{c['heg50_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] {c['sign_count']}{mark}"
+    return f"{c[f'{name}_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] {sign}{mark}"
 
 
 def _header(rec: dict) -> list[str]:
@@ -88,8 +93,10 @@ def peer(method: str, kind: str, table: dict) -> str | None:
     return found[0] if found else None
 
 
-def _paired(table: dict) -> list[str]:
-    lines = ["", "Paired HEG-50 PCC differences against the baselines on the same features and with the same "
+def _paired(table: dict, name: str = "heg50") -> list[str]:
+    what = ("HEG-50 PCC differences" if name == "heg50" else
+            "marker PCC differences (per section only: bootstrap over sections, no CI below 3 sections)")
+    lines = ["", f"Paired {what} against the baselines on the same features and with the same "
              "smoothing/ensembling (method minus baseline: mean [95 % CI] sections ahead; the JSON holds every "
              "pair):", "", "| method | " + " | ".join(PEER_KINDS) + " |", "|---|" + "---|" * len(PEER_KINDS)]
     order = sorted(table, key=lambda m: (is_baseline(m), -(table[m]["pcc_heg50"]["mean"] or -9)))
@@ -100,7 +107,7 @@ def _paired(table: dict) -> list[str]:
         cells = []
         for kind in PEER_KINDS:
             b = peer(m, kind, table)
-            cells.append(f"{b}: {_ci(vs[b])}" if b and b in vs else "")
+            cells.append(f"{b}: {_ci(vs[b], name)}" if b and b in vs and _ci(vs[b], name) else "")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 
@@ -146,7 +153,7 @@ def markdown(rec: dict) -> str:
     for protocol in [p for p in ORDER if p in summary] + [p for p in summary if p not in ORDER]:
         table = summary[protocol]
         lines += [f"## {PROTOCOL_TITLES.get(protocol, protocol)}", ""]
-        lines += _table(table) + _paired(table) + _per_section(table) + _k_lines(rec.get("runs", []), protocol)
+        lines += _table(table) + _paired(table) + _paired(table, "markers") + _per_section(table) + _k_lines(rec.get("runs", []), protocol)
         lines += _confidence(table)
         lines.append("")
     lines += ["## Variants", ""]
