@@ -210,3 +210,16 @@ def test_bad_manifests_exit_2_naming_the_file(tmp_path: Path, capsys, text: str,
 def test_bad_shard_is_a_one_line_error(run: Path, slides: Path, tmp_path: Path, capsys) -> None:
     assert _batch(run, slides / "slides.csv", tmp_path / "o", "--shard", "2/2") == 2
     assert "shard must be K/N with 0 <= K < N" in capsys.readouterr().err
+
+
+def test_slide_warnings_reach_the_batch_summary_and_index(run: Path, slides: Path, tmp_path: Path) -> None:
+    manifest = tmp_path / "coarse.csv"
+    manifest.write_text(f"slide,pixel_size,sample_id\n{slides / 'b.png'},{4 * UM_PER_PX},coarse\n")
+    out = tmp_path / "out"
+    assert main(["predict-slides", "--manifest", str(manifest), "--model", str(run), "--out", str(out),
+                 "--quiet"]) == 0
+    (row,) = json.loads((out / "summary.json").read_text())["slides"]
+    assert row["status"] == "done" and any("coarser than the training sections" in w for w in row["warnings"])
+    with open(out / "summary.csv", newline="") as fh:
+        assert "coarser than the training sections" in next(csv.DictReader(fh))["warnings"]
+    assert "Warning: the slide is" in (out / "index.html").read_text()

@@ -332,3 +332,37 @@ def test_stain_normalise_maps_a_recoloured_slide_back(run: Path, tmp_path: Path)
     shutil.copytree(run, old)
     (old / "stain_reference.json").unlink()
     assert _predict(old, path, tmp_path / "x", "--stain-normalise") == 2
+
+
+def test_a_slide_at_another_resolution_is_read_at_the_training_field_of_view_with_a_warning(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cmrcnet.inference.slide import training_pixel_size
+    from cmrcnet.run.load import load_trained_model
+
+    train_um = training_pixel_size(load_trained_model(run))
+    assert train_um is not None and json.loads((run / "run.json").read_text())["pixel_size_um"]
+    png = tmp_path / "disc.png"
+    Image.fromarray(draw_slide()).save(png)
+    same = train_um  # the drawing at the training resolution: no warning
+    assert _predict(run, png, tmp_path / "same", "--pixel-size", str(same)) == 0
+    assert json.loads((tmp_path / "same" / "summary.json").read_text())["warnings"] == []
+    capsys.readouterr()
+    assert _predict(run, png, tmp_path / "coarse", "--pixel-size", str(3 * train_um)) == 0
+    warnings = json.loads((tmp_path / "coarse" / "summary.json").read_text())["warnings"]
+    assert len(warnings) >= 1 and "3.0x coarser than the training sections" in warnings[0]
+    assert "resized to the training patches'" in warnings[0] and "3.0x coarser" in capsys.readouterr().err
+    a = ad.read_h5ad(tmp_path / "coarse" / "prediction.h5ad")
+    assert a.uns["cmrcnet"]["fov_px"] == pytest.approx(112.0 / (3 * train_um))  # the same 112 um of tissue
+
+
+def test_tile_predictions_are_smoothed_by_default(run: Path, slide_tif: Path, tmp_path: Path) -> None:
+    from cmrcnet.inference.smoothing import smooth_neighbours
+
+    assert _predict(run, slide_tif, tmp_path / "plain", "--smooth", "0") == 0
+    assert _predict(run, slide_tif, tmp_path / "default") == 0
+    plain, smooth = (ad.read_h5ad(tmp_path / d / "prediction.h5ad") for d in ("plain", "default"))
+    assert plain.uns["cmrcnet"]["smoothing_weight"] == 0.0 and smooth.uns["cmrcnet"]["smoothing_weight"] == 0.5
+    expected = smooth_neighbours(np.asarray(plain.X), plain.obsm["spatial"], weight=0.5)
+    np.testing.assert_allclose(np.asarray(smooth.X), expected, rtol=1e-4, atol=1e-5)
+    assert _predict(run, slide_tif, tmp_path / "bad", "--smooth", "1.5") == 2

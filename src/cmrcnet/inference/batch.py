@@ -55,6 +55,7 @@ SUMMARY_COLUMNS = (
     "tiles_per_second",
     "seconds",
     "error",
+    "warnings",
 )
 FAILURE_EXIT_BASE = 100  # exit code = 100 + number of failed slides (capped at 255), 0 when none failed
 
@@ -207,6 +208,7 @@ def predict_slides(
                 stats = {
                     "n_tissue_tiles": pred.stats["n_tissue_tiles"],
                     "tiles_per_second": pred.stats["tiles_per_second"],
+                    "warnings": list(pred.stats.get("warnings", [])),
                 }
                 write_json(tmp / DONE_FILE, {"fingerprint": fingerprint, "slide": str(r.slide), "model": str(run_dir),
                                              "cmrcnet_version": __version__, **stats})  # fmt: skip
@@ -260,6 +262,7 @@ def write_summary(rows: Sequence[ManifestRow], out: Path) -> list[dict]:
                 status="done",
                 n_tissue_tiles=done.get("n_tissue_tiles"),
                 tiles_per_second=done.get("tiles_per_second"),
+                warnings=list(done.get("warnings", [])),
             )
         elif failed.is_file():
             try:
@@ -271,7 +274,7 @@ def write_summary(rows: Sequence[ManifestRow], out: Path) -> list[dict]:
     with atomic_path(out / SUMMARY_CSV) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(SUMMARY_COLUMNS), extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(table)
+        writer.writerows({**t, "warnings": " | ".join(t.get("warnings", []))} for t in table)
     counts = {s: sum(t["status"] == s for t in table) for s in ("done", "failed", "pending")}
     write_json(out / SUMMARY_JSON, {"n_slides": len(table), **counts, "slides": table})
     batch_index(out, table, counts)  # index.html, linking every slide's report.html

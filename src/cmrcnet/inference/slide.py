@@ -41,7 +41,7 @@ from cmrcnet.data.markers import default_markers, default_tumour_markers
 from cmrcnet.data.slide_reader import SlideReader, open_slide
 from cmrcnet.data.stain import LabStats, lab_stats
 from cmrcnet.data.tissue import TissueConfig
-from cmrcnet.errors import ConfigError
+from cmrcnet.errors import CmrcnetError, ConfigError
 from cmrcnet.inference.bank import load_bank
 from cmrcnet.inference.confidence import (
     SIMILARITY_KEY,
@@ -197,6 +197,7 @@ def predict_slide(
             slide_reader, trained, pixel_size_um, fov_um, step_um, min_tissue=min_tissue, tissue=tissue
         )
         _log_layout(sample_id, layout, slide_reader)
+        resolution_warning = _resolution_note(trained, layout)
         stain = _slide_stain(trained, layout) if stain_normalise else None
         t_pred = time.perf_counter()
         preds, conf = predict_tiles(
@@ -228,7 +229,7 @@ def predict_slide(
         adata.obs[SPREAD_KEY] = conf.spread
         reference = load_confidence_reference(run_dir, fingerprint=trained.fingerprint)
     stats["confidence"], warning = slide_confidence_summary(conf, reference)
-    stats["warnings"] = [warning] if warning else []
+    stats["warnings"] = [w for w in (resolution_warning, warning) if w]
     if warning:
         logger.warning("%s: %s", sample_id, warning)
     adata.uns[CMRCNET_UNS] = {
@@ -308,6 +309,59 @@ def _log_layout(sample_id: str, layout: SlideLayout, slide_reader: SlideReader) 
         layout.level,
         slide_reader.level_downsamples[layout.level],
     )
+
+
+RESOLUTION_RATIO = 2.0  # a slide this many times coarser or finer than the training sections gets a warning
+
+
+def training_pixel_size(trained: TrainedModel) -> float | None:
+    """Median pixel size (um/px) of the run's training sections (run.json; older runs: their dataset's
+    metadata, when it is still there), or None."""
+    sizes = trained.run_info.get("pixel_size_um")
+    if sizes is None:
+        try:
+            from cmrcnet.data.dataset import PreparedDataset
+
+            ds = PreparedDataset(trained.run_info["data_dir"])
+            sizes = {s: ds.metadata(s).get("pixel_size_um") for s in trained.run_info.get("train_samples", [])}
+        except (KeyError, OSError, CmrcnetError):
+            return None
+    values = [float(v) for v in sizes.values() if v]
+    return float(np.median(values)) if values else None
+
+
+def _resolution_note(trained: TrainedModel, layout: SlideLayout) -> str | None:
+    """How a slide scanned at another resolution is handled; a warning when it differs more than 2x."""
+    train_um = training_pixel_size(trained)
+    if train_um is None:
+        return None
+    ratio = layout.um_per_px / train_um
+    fov_um = layout.fov_px * layout.um_per_px
+    read_px = layout.fov_px / layout.level_ds
+    how = (
+        f"each {fov_um:.0f} um tile is read as {read_px:.0f} px (pyramid level {layout.level}) and resized to the "
+        f"training patches' {layout.prep_px} px, so a tile covers the same tissue as in training"
+    )
+    # detail reaching the model: pixels per tile side, capped by the training patches' side
+    loss = min(fov_um / train_um, layout.prep_px) / min(read_px, layout.prep_px)
+    if 1 / RESOLUTION_RATIO <= ratio <= RESOLUTION_RATIO:
+        logger.info("pixel size %.3f um/px vs %.3f in training: %s", layout.um_per_px, train_um, how)
+        return None
+    if ratio > 1:
+        message = (
+            f"the slide is {ratio:.1f}x coarser than the training sections ({layout.um_per_px:.2f} vs "
+            f"{train_um:.2f} um/px): {how}"
+            + (f", with about {loss:.1f}x less detail than the training patches had" if loss > 1.05 else "")
+            + "; expect less accurate predictions (the benchmark's B4 copy at 3.4 um/px: "
+            "benchmarks/results/her2st_accuracy.md)"
+        )
+    else:
+        message = (
+            f"the slide is {1 / ratio:.1f}x finer than the training sections ({layout.um_per_px:.2f} vs "
+            f"{train_um:.2f} um/px): {how}; check --pixel-size if this is unexpected"
+        )
+    logger.warning("%s", message)
+    return message
 
 
 def _tiles_adata(preds: np.ndarray, genes: list[str], sample_id: str, layout: SlideLayout) -> ad.AnnData:

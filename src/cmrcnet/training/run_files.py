@@ -150,6 +150,7 @@ def write_run_files(
             "patients": {s: m.get("patient") for s, m in metas.items()},
             "fov_um": common_fov(dataset, train_samples),
             "patch_px": sorted(sizes),
+            "pixel_size_um": {s: m.get("pixel_size_um") for s, m in metas.items()},
             "synthetic": any(m.get("synthetic") for m in metas.values()),
             "gene_mode": gene_list.mode,
             "n_genes": len(gene_list.genes),
