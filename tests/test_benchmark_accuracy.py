@@ -74,6 +74,16 @@ def test_markers_are_paired_per_section_with_no_ci_below_three_sections() -> Non
     assert stats.summarise(two, n_boot=50)["patient"]["cmrcnet-x"]["vs"]["knn-handcrafted"]["markers_ci95"] is None
 
 
+def test_methods_are_paired_with_like_for_like_baselines_only() -> None:
+    assert stats.comparable("cmrcnet-ssl+hc+bank+smooth", "knn-ssl+hc+smooth")
+    assert not stats.comparable("cmrcnet-ssl+hc+bank+smooth", "knn-ssl+hc")  # smoothing on one side only
+    assert stats.comparable("cmrcnet-ssl+hc+bank", "bleep-ssl+hc+bank")
+    assert not stats.comparable("cmrcnet-ssl+hc+bank", "bleep-ssl+hc")
+    assert stats.comparable("cmrcnet-ssl+hc+bank-ens", "regression-ssl+hc-ens")
+    assert not stats.comparable("cmrcnet-ssl+hc", "regression-ssl+hc-ens")
+    assert not stats.comparable("cmrcnet-ssl+hc+stain", "knn-handcrafted")
+
+
 def test_genes_constant_in_the_data_are_left_out_of_the_pairs() -> None:
     rows = [_row("B4", "cmrcnet-x", 0, 0.5, ["a", "b"], [0.5, None]),
             _row("B4", "mean", None, 0.0, ["a", "b"], [0.0, None])]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from .plan import PROTOCOL_TITLES
-from .stats import is_baseline
+from .stats import is_baseline, split_name
 
 ORDER = ("patient", "patient-degraded", "within_patient")
 COLUMNS = (("pcc_heg50", "HEG-50 PCC"), ("pcc_hvg50", "HVG-50 PCC"), ("pcc_markers", "markers PCC"),
@@ -33,14 +33,22 @@ def _ci(c: dict, name: str = "heg50") -> str:
 def _header(rec: dict) -> list[str]:
     m = rec["machine"]
     status = "" if rec.get("complete") else " (PARTIAL: not every fold and seed had finished)"
+    if rec.get("parts"):
+        status = ""  # a merge of parts, each of which may cover some folds only
+        where = sorted({f"{p.get('cpu')}" + (f" + GPU {p['gpu']}" if p.get("gpu") else "") for p in rec["parts"]})
+        machine = (f"Merged from {len(rec['parts'])} parts (listed at the end with their commands, commits and "
+                   f"machines), run on: {'; '.join(where)}.")
+    else:
+        machine = (
+            f"Commit {rec['commit']}{' (src/ had uncommitted changes)' if rec.get('src_uncommitted_changes') else ''}"
+            f"; {m.get('cpu_line', m['cpu'])}; torch {m['torch']}, {m.get('torch_threads')} threads; precision "
+            f"auto -> {m.get('precision_auto')}; load at start {m.get('load_average_at_start')}; wall time "
+            f"{rec.get('wall_seconds', 0) / 60:.1f} min.")
     return [
         f"# her2st accuracy{' (QUICK smoke run: tiny model, 1 epoch; not a result)' if rec['quick'] else ''}"
         + status, "",
-        f"Command: `{rec['command']}`  ",
-        f"Commit {rec['commit']}{' (src/ had uncommitted changes)' if rec.get('src_uncommitted_changes') else ''}; "
-        f"{m.get('cpu_line', m['cpu'])}; torch {m['torch']}, {m.get('torch_threads')} threads; precision auto -> "
-        f"{m.get('precision_auto')}; load at start {m.get('load_average_at_start')}; wall time "
-        f"{rec.get('wall_seconds', 0) / 60:.1f} min.", "",
+        f"Command: `{rec['command']}`  " if not rec.get("parts") else "Command: see the parts below.  ",
+        machine, "",
         "How to read: one row per (test section, method, seed) is evaluated with the strict protocol (HEG-50 = "
         "the 50 genes of highest mean log1p expression over the fold's TRAINING spots, HVG-50 by Seurat-v1 "
         "dispersion on the same spots, both from a panel of top-250 HVG + top-100 highly expressed genes + "
@@ -67,19 +75,6 @@ def _table(table: dict) -> list[str]:
 
 
 PEER_KINDS = ("mean", "knn-handcrafted", "knn", "ridge", "bleep", "regression")
-
-
-def split_name(method: str) -> tuple[str, str, str]:
-    """("cmrcnet", "ssl+hc", "+bank-ens+smooth") from "cmrcnet-ssl+hc+bank-ens+smooth"."""
-    head, _, rest = method.partition("-")
-    mods = ""
-    for mod in ("+stain", "+smooth", "-ens", "+bank"):
-        if rest.endswith(mod):
-            rest, mods = rest[: -len(mod)], mod + mods
-    for mod in ("+stain", "+smooth", "-ens", "+bank"):  # a second pass for combinations
-        if rest.endswith(mod):
-            rest, mods = rest[: -len(mod)], mod + mods
-    return head, rest, mods
 
 
 def peer(method: str, kind: str, table: dict) -> str | None:

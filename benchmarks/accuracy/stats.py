@@ -10,6 +10,7 @@ Aggregation (EVALUATION.md, issue 13):
 2. over sections: mean ± sample sd (ddof=1) of the section means, so every section weighs the same whatever its
    number of seeds.
 
+Each method is paired with every like-for-like baseline (`comparable`: the same smoothing and stain treatment).
 Paired comparison of a method against a baseline on HEG-50: per section, d_s = mean over genes of
 (PCC_method(g) - PCC_baseline(g)), PCC averaged over seeds first. The point estimate is the mean of d_s over
 sections; the 95 % CI is the 2.5/97.5 percentile of a bootstrap that resamples sections with replacement and,
@@ -38,6 +39,32 @@ N_BOOT = 2000
 
 def is_baseline(method: str) -> bool:
     return method.startswith(BASELINE_PREFIXES)
+
+
+def split_name(method: str) -> tuple[str, str, str]:
+    """("cmrcnet", "ssl+hc", "+bank-ens+smooth") from "cmrcnet-ssl+hc+bank-ens+smooth"."""
+    head, _, rest = method.partition("-")
+    mods = ""
+    for mod in ("+stain", "+smooth", "-ens", "+bank"):
+        if rest.endswith(mod):
+            rest, mods = rest[: -len(mod)], mod + mods
+    for mod in ("+stain", "+smooth", "-ens", "+bank"):  # a second pass for combinations
+        if rest.endswith(mod):
+            rest, mods = rest[: -len(mod)], mod + mods
+    return head, rest, mods
+
+
+def comparable(method: str, base: str) -> bool:
+    """Whether `base` is a like-for-like baseline of `method`: the same smoothing and stain treatment, and for
+    the trained baselines also the same seed ensembling (bleep, regression) and bank (bleep; kNN, ridge and
+    mean have neither, regression has no bank)."""
+    keys = ["+smooth", "+stain"]
+    if base.startswith(("bleep", "regression")):
+        keys.append("-ens")
+    if base.startswith("bleep"):
+        keys.append("+bank")
+    m_mods, b_mods = split_name(method)[2], split_name(base)[2]
+    return all((k in m_mods) == (k in b_mods) for k in keys)
 
 
 def _finite(values: Iterable) -> list[float]:
@@ -140,7 +167,7 @@ def summarise(rows: Sequence[dict], *, n_boot: int = N_BOOT) -> dict:
             table[method] = entry
         for method, entry in table.items():
             entry["vs"] = {}
-            for base in sorted(m for m in methods if m != method and is_baseline(m)):
+            for base in sorted(m for m in methods if m != method and is_baseline(m) and comparable(method, m)):
                 cmp = paired_difference(methods[method], methods[base], n_boot=n_boot)
                 if cmp is not None:
                     entry["vs"][base] = cmp
