@@ -439,7 +439,8 @@ def cv(data: str | Path, out: str | Path, *, split: str, **options: Any) -> CvRe
         "leave-one-sample-out", "leave-one-patient-out" or "kfold".
     **options
         ``methods``, ``config``, ``seeds``, ``samples``, ``k``, ``split_seed``, ``epochs``, ``precision``,
-        ``markers``, ``protocol``, ``device``, ``plots``, ``progress`` (`cmrcnet.workflows.cv.run_cv`).
+        ``markers``, ``protocol``, ``device``, ``plots``, ``progress``, ``smooth`` (default 0.5)
+        (`cmrcnet.workflows.cv.run_cv`).
 
     Returns
     -------

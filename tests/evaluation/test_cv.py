@@ -8,6 +8,7 @@ import statistics
 from collections.abc import Iterator
 from pathlib import Path
 
+import anndata as ad
 import pytest
 import torch
 
@@ -123,8 +124,11 @@ def test_lopo_via_cli_keeps_patients_apart(
 ) -> None:
     out = tmp_path / "cv"
     argv = ["cv", "--data", str(data_dir), "--split", "leave-one-patient-out", "--out", str(out)]
-    argv += ["--method", "regression", "--config", str(config_file), "--epochs", "1", "--quiet"]
+    argv += ["--method", "regression", "--config", str(config_file), "--epochs", "1", "--quiet", "--smooth", "0.25"]
     assert cli.main(argv) == 0
+    preds = sorted(out.glob("**/pred.h5ad"))
+    assert len(preds) == 2  # --smooth reaches every fold's prediction
+    assert all(ad.read_h5ad(p).uns["cmrcnet"]["smoothing_weight"] == 0.25 for p in preds)
     assert "cmrcnet cross-validation" in capsys.readouterr().out
     folds = json.loads((out / "folds.json").read_text())
     assert folds["grouping"].startswith("by patient")

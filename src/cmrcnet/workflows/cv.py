@@ -39,6 +39,7 @@ from cmrcnet.data.splits import Fold, describe_folds
 from cmrcnet.errors import ConfigError
 from cmrcnet.evaluation.evaluate import PROTOCOL_LABEL, evaluate_predictions
 from cmrcnet.inference.predict import predict_samples
+from cmrcnet.inference.smoothing import DEFAULT_SMOOTH
 from cmrcnet.run.config import RunConfig, load_run_config
 from cmrcnet.run.layout import CONFIG_FILE
 from cmrcnet.training.distributed import dist_from_env
@@ -115,6 +116,7 @@ def run_cv(
     plots: bool = False,
     progress: bool = True,
     command: str | None = None,
+    smooth: float = DEFAULT_SMOOTH,
 ) -> CvResult:
     """Cross-validate `methods` x `seeds` over the folds of `split`; write everything into `out_dir`.
 
@@ -133,6 +135,8 @@ def run_cv(
         markers: marker genes for the evaluation (None: the default panel).
         protocol: "strict" (default) or "paper" (labelled in every output).
         plots: expression maps in each fold's eval/ folder (off by default: slow).
+        smooth: weight of the neighbouring spots' predictions (`cmrcnet.inference.smoothing`; default 0.5,
+            0: none).
 
     Returns:
         CvResult with the summary dict written to summary.json.
@@ -172,6 +176,7 @@ def run_cv(
             plots=plots,
             progress=progress,
             command=command,
+            smooth=smooth,
         )
 
     summary = summarize_cv(
@@ -252,6 +257,7 @@ def _run_one(
     plots: bool,
     progress: bool,
     command: str | None,
+    smooth: float = DEFAULT_SMOOTH,
 ) -> None:
     """Train (or resume, or skip a finished training), predict the held-out samples, evaluate (metrics last)."""
     t0 = time.perf_counter()
@@ -281,6 +287,7 @@ def _run_one(
         precision=cfg.train.precision,
         device=device,
         progress=progress,
+        smooth=smooth,
     )
     t_pred = time.perf_counter() - t0 - t_train
     write_json(run.dir / TIMING_FILE, {"train_s": round(t_train, 3), "predict_s": round(t_pred, 3)})
