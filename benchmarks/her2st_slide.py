@@ -37,6 +37,7 @@ from cmrcnet.data.genes import expression_matrix
 from cmrcnet.data.markers import BREAST_CANCER_MARKERS, BREAST_TUMOUR_MARKERS
 from cmrcnet.evaluation.localisation import match_points, tumour_score
 from cmrcnet.inference.slide import predict_slide
+from cmrcnet.inference.smoothing import DEFAULT_SMOOTH
 
 from _machine import git_commit, machine_info
 
@@ -68,6 +69,8 @@ def main() -> None:
     ap.add_argument(
         "--workdir", type=Path, help="keep predict-slide outputs here (default: a temporary folder)"
     )
+    ap.add_argument("--smooth", type=float, default=DEFAULT_SMOOTH,
+                    help=f"weight of the neighbouring tiles' predictions (default {DEFAULT_SMOOTH}, predict-slide's)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     args = ap.parse_args()
 
@@ -91,6 +94,7 @@ def main() -> None:
             precision=args.precision,
             device=args.device,
             progress=True,
+            smooth=args.smooth,
         )
         seconds = time.perf_counter() - t0
     pred = result.adata
@@ -132,6 +136,7 @@ def main() -> None:
         "pixel_size_um": pixel_size,
         "fov_um": float(info["fov_um"]),
         "step_um": float(info["step_um"]),
+        "smoothing_weight": float(info["smoothing_weight"]),
         "level": int(info["level"]),
         "seconds_total": round(seconds, 2),
         **{
