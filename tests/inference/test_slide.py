@@ -366,3 +366,50 @@ def test_tile_predictions_are_smoothed_by_default(run: Path, slide_tif: Path, tm
     expected = smooth_neighbours(np.asarray(plain.X), plain.obsm["spatial"], weight=0.5)
     np.testing.assert_allclose(np.asarray(smooth.X), expected, rtol=1e-4, atol=1e-5)
     assert _predict(run, slide_tif, tmp_path / "bad", "--smooth", "1.5") == 2
+
+
+def _pale_on_black() -> np.ndarray:
+    """A pale lavender disc (low saturation) with a small strongly stained blue region, on a black background
+    with JPEG-like noise: on this, Otsu on saturation splits the blue region from everything else."""
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal(4, 3, (H, W, 3)), 0, 255)  # black background
+    cx, cy, r = DISC
+    yy, xx = np.mgrid[0:H, 0:W]
+    inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
+    pale = np.array([205, 190, 215]) + rng.normal(0, 8, (H, W, 3))
+    img = np.where(inside[..., None], pale, img)
+    blue = inside & (xx < cx - r / 2)
+    img = np.where(blue[..., None], np.array([60, 110, 160]) + rng.normal(0, 8, (H, W, 3)), img)
+    return np.clip(img, 0, 255).astype(np.uint8), inside
+
+
+def test_tissue_on_a_black_background_is_found_by_brightness() -> None:
+    img, inside = _pale_on_black()
+    mask = detect_tissue(img, 1.0, UM_PER_PX)
+    assert mask.feature == "brightness"
+    assert mask.mask[inside].mean() > 0.97 and mask.mask[~inside].mean() < 0.01
+    white = detect_tissue(draw_slide(), 1.0, UM_PER_PX)
+    assert white.feature == "saturation"  # white glass: saturation, as before
+
+
+def test_black_background_pixels_are_made_white_and_tissue_is_untouched() -> None:
+    from cmrcnet.data.stain import whiten_black
+
+    img, inside = _pale_on_black()
+    out = whiten_black(img[None])[0]
+    assert (out[~inside] == 255).mean() > 0.99
+    np.testing.assert_array_equal(out[inside], img[inside])
+
+
+def test_predict_slide_on_a_black_background(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img, _ = _pale_on_black()
+    png = tmp_path / "black.png"
+    Image.fromarray(img).save(png)
+    assert _predict(run, png, tmp_path / "out", "--pixel-size", str(UM_PER_PX)) == 0
+    assert "black background" in capsys.readouterr().err
+    a = ad.read_h5ad(tmp_path / "out" / "prediction.h5ad")
+    assert a.uns["cmrcnet"]["black_background"] and a.uns["cmrcnet"]["tissue"]["feature"] == "brightness"
+    g = TileGrid.over(W, H, FOV_PX, FOV_PX)
+    xy = g.centers(*g.positions())
+    inner = np.hypot(xy[:, 0] - DISC[0], xy[:, 1] - DISC[1]) + FOV_PX / np.sqrt(2) < DISC[2]
+    assert a.n_obs >= inner.sum()  # the whole disc, not only its blue part

@@ -85,6 +85,16 @@ def reinhard(images: np.ndarray, source: LabStats, target: LabStats, *, chunk: i
     return out
 
 
+def whiten_black(images: np.ndarray, *, chunk: int = 256) -> np.ndarray:
+    """uint8 RGB images (N, S, S, 3) with their near-black background pixels (L* below `BLACK_L`) made white, like
+    the glass of the training slides; nothing else changes."""
+    out = np.array(images, dtype=np.uint8, copy=True)
+    for i in range(0, len(out), chunk):
+        part = out[i:i + chunk]
+        part[_to_lab(part)[..., 0] <= BLACK_L] = 255
+    return out
+
+
 def normalise_to(images: np.ndarray, target: LabStats) -> np.ndarray:
     """Slide-level Reinhard: the statistics of `images` themselves (all patches of one slide) to `target`."""
     return reinhard(images, lab_stats(images), target)

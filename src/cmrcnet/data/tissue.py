@@ -1,9 +1,15 @@
-"""Tissue detection on a low-resolution thumbnail: Otsu on saturation, then small objects and holes cleaned up.
+"""Tissue detection on a low-resolution thumbnail: Otsu on saturation (or on brightness when the background is
+black), then small objects and holes cleaned up.
 
 Stained tissue is coloured (pink eosin, purple haematoxylin) while glass is white or grey, so the HSV saturation
 separates the two under most scanners' white balance (the approach of CLAM, Lu et al., Nat Biomed Eng 2021, and
 of many WSI pipelines). The Otsu threshold adapts to the stain intensity; a floor keeps an all-glass slide (whose
 saturation histogram is only noise) from being split into "tissue" and "glass".
+
+Some exports put the tissue on a black background. There the background has no saturation either, but a pale
+section with a few strongly stained regions has a long saturation tail, and Otsu then separates the strong
+regions from everything else, losing most of the tissue. When the thumbnail's border is dark, the tissue is instead
+what is brighter than the background: Otsu on brightness (the largest RGB channel), with its own floor.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ class TissueConfig:
     smooth_px: int = 3  # side of the median filter applied to the saturation image (1: none)
     min_object_um2: float = 10_000.0  # tissue pieces smaller than this (100 x 100 um) are dust: dropped
     min_hole_um2: float = 10_000.0  # holes inside tissue smaller than this are filled
+    dark_border: float = 0.25  # a border median brightness below this (0-1) means a black background
+    min_brightness: float = 0.2  # floor of the Otsu threshold on brightness on a black background
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -40,8 +48,9 @@ class TissueMask:
 
     mask: np.ndarray  # (h, w) bool, True = tissue
     downsample: float  # full-resolution pixels per mask pixel
-    threshold: float  # saturation threshold applied (max of Otsu and the floor), tissue is above it
+    threshold: float  # threshold applied to the feature (max of Otsu and the floor), tissue is above it
     otsu: float  # the Otsu threshold before the floor
+    feature: str = "saturation"  # "saturation", or "brightness" on a black background
 
     @property
     def fraction(self) -> float:
@@ -128,23 +137,35 @@ def detect_tissue(
         config: thresholds; default `TissueConfig()`.
     """
     cfg = config or TissueConfig()
-    sat = saturation(thumb)  # (h, w) uint8
+    if dark_background(thumb, cfg.dark_border):
+        feature, name, floor = thumb.max(axis=2), "brightness", cfg.min_brightness  # (h, w) uint8
+    else:
+        feature, name, floor = saturation(thumb), "saturation", cfg.min_saturation
     if cfg.smooth_px > 1:
-        sat = ndimage.median_filter(sat, size=cfg.smooth_px, mode="nearest")
-    otsu = _otsu_index(np.bincount(sat.ravel(), minlength=256))  # in saturation units of 1/255
-    cut = max(otsu, math.floor(cfg.min_saturation * 255))
-    mask = sat > cut
+        feature = ndimage.median_filter(feature, size=cfg.smooth_px, mode="nearest")
+    otsu = _otsu_index(np.bincount(feature.ravel(), minlength=256))  # in units of 1/255
+    cut = max(otsu, math.floor(floor * 255))
+    mask = feature > cut
     um2_per_px = (downsample * pixel_size_um) ** 2
     mask = _remove_small(mask, cfg.min_object_um2 / um2_per_px)
     mask = ~_remove_small(~mask, cfg.min_hole_um2 / um2_per_px, keep_border=True)
     threshold, otsu_f = (cut + 0.5) / 255.0, (otsu + 0.5) / 255.0
     logger.info(
-        "tissue: saturation threshold %.3f (Otsu %.3f), %.1f%% of the slide",
+        "tissue: %s threshold %.3f (Otsu %.3f)%s, %.1f%% of the slide",
+        name,
         threshold,
         otsu_f,
+        " on a black background" if name == "brightness" else "",
         100.0 * float(mask.mean()),
     )
-    return TissueMask(mask, float(downsample), float(threshold), float(otsu_f))
+    return TissueMask(mask, float(downsample), float(threshold), float(otsu_f), name)
+
+
+def dark_background(thumb: np.ndarray, dark_border: float = 0.25) -> bool:
+    """Whether the thumbnail's border (its outermost pixels) is mostly black: median brightness below
+    `dark_border` (0-1)."""
+    border = np.concatenate([thumb[0], thumb[-1], thumb[:, 0], thumb[:, -1]])  # (n, 3)
+    return bool(np.median(border.max(axis=1)) < dark_border * 255)
 
 
 def _remove_small(mask: np.ndarray, min_px: float, *, keep_border: bool = False) -> np.ndarray:

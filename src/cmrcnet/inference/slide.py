@@ -215,6 +215,7 @@ def predict_slide(
             precision=choice.precision,
             progress=progress,
             stain=stain,
+            white_background=layout.mask.feature == "brightness",
         )
         seconds_pred = time.perf_counter() - t_pred
 
@@ -248,6 +249,7 @@ def predict_slide(
         "tumour_markers": used_markers,
         "tumour_threshold": float("nan") if threshold is None else float(threshold),
         "stain_normalisation": STAIN_NOTE if stain is not None else "none",
+        "black_background": layout.mask.feature == "brightness",
         "smoothing_weight": float(smooth),
     }
     adata.uns[SPATIAL_UNS] = {sample_id: spatial_library(layout.thumb, 1.0 / layout.thumb_ds, layout.fov_px)}
@@ -309,6 +311,12 @@ def _log_layout(sample_id: str, layout: SlideLayout, slide_reader: SlideReader) 
         layout.level,
         slide_reader.level_downsamples[layout.level],
     )
+    if layout.mask.feature == "brightness":
+        logger.warning(
+            "%s: black background: tissue is found by brightness instead of saturation, and the near-black pixels "
+            "of each tile are made white like the training slides' glass",
+            sample_id,
+        )
 
 
 RESOLUTION_RATIO = 2.0  # a slide this many times coarser or finer than the training sections gets a warning
@@ -443,6 +451,7 @@ def _slide_provenance(
             **(tissue or TissueConfig()).to_dict(),
             "threshold": layout.mask.threshold,
             "otsu": layout.mask.otsu,
+            "feature": layout.mask.feature,
         },
     }
 

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from cmrcnet.data.slide_reader import SlideReader, read_thumbnail, read_tile, resolve_slide_pixel_size
 from cmrcnet.data.spots import resize_uint8
-from cmrcnet.data.stain import LabStats, reinhard
+from cmrcnet.data.stain import LabStats, reinhard, whiten_black
 from cmrcnet.data.tissue import TissueConfig, TissueMask, detect_tissue
 from cmrcnet.errors import ConfigError, InputFileError
 from cmrcnet.inference.bank import Bank
@@ -77,10 +77,13 @@ def predict_tiles(
     precision: str,
     progress: bool,
     stain: tuple[LabStats, LabStats] | None = None,
+    white_background: bool = False,
 ) -> tuple[np.ndarray, NeighbourConfidence | None]:
     """(N, G) float32 predictions for the tiles at `centers`, read and predicted batch by batch, and each tile's
     retrieval confidence (None for the regression method, which retrieves nothing). `stain`: (the slide's, the
-    target) colour statistics to map every tile with (`cmrcnet.data.stain.reinhard`); None: as read."""
+    target) colour statistics to map every tile with (`cmrcnet.data.stain.reinhard`); None: as read.
+    `white_background`: make near-black background pixels white (a slide exported on black; stain normalisation
+    does this too)."""
     n = len(centers)
     img_size = int(trained.model_config.img_size)
     regression = bank is None
@@ -107,6 +110,8 @@ def predict_tiles(
                 pending = pool.submit(read_batch, starts[i + 1])
             if stain is not None:
                 tiles = reinhard(tiles, *stain)
+            elif white_background:
+                tiles = whiten_black(tiles)
             x = resize_uint8(tiles, img_size)  # (b, S, S, 3) uint8 tensor
             emb = embed_patches(trained, x, batch_size=batch_size, precision=precision, regression=regression)
             stop = start + len(tiles)
@@ -194,7 +199,7 @@ def lay_tiles(
     if not keep.any():
         raise InputFileError(
             f"no tissue found: no tile of {fov_um:g} um is at least {100 * min_tissue:.0f}% tissue "
-            f"(tissue covers {100 * mask.fraction:.1f}% of the thumbnail, saturation threshold "
+            f"(tissue covers {100 * mask.fraction:.1f}% of the thumbnail, {mask.feature} threshold "
             f"{mask.threshold:.3f}); is this an H&E image?",
             path=slide_reader.path,
         )
