@@ -31,7 +31,7 @@ from cmrcnet.inference.confidence import (
 )
 from cmrcnet.inference.export import SPATIAL_UNS, SPOT_DIAMETER_UM, spatial_library
 from cmrcnet.inference.retrieval import WEIGHTINGS, aggregate, clamp_k, make_index
-from cmrcnet.inference.smoothing import DEFAULT_SMOOTH, smooth_neighbours
+from cmrcnet.inference.smoothing import DEFAULT_SMOOTH, check_weight, smooth_neighbours
 from cmrcnet.models.preprocess import images_to_float
 from cmrcnet.run.layout import STAIN_REFERENCE_FILE
 from cmrcnet.run.load import TrainedModel, load_trained_model
@@ -271,8 +271,7 @@ def predict_spots(
     (`cmrcnet.inference.confidence`) and, when the run holds confidence_reference.json, uns["cmrcnet"]
     "confidence_reference" (its quantiles) and "fraction_below_reference_p5".
     """
-    if not 0.0 <= smooth <= 1.0:  # checked before the (long) prediction
-        raise ConfigError(f"smooth= (the weight of the neighbours' mean) must be in [0, 1], got {smooth}")
+    check_weight(smooth)  # before the (long) prediction
     device = next(trained.model.parameters()).device
     choice = resolve_precision(precision, device)
     dataset = PreparedDataset(data_dir)

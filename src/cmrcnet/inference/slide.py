@@ -63,7 +63,7 @@ from cmrcnet.inference.slide_outputs import (
     TUMOUR_MASK_FILE,
     write_slide_outputs,
 )
-from cmrcnet.inference.smoothing import DEFAULT_SMOOTH, smooth_neighbours
+from cmrcnet.inference.smoothing import DEFAULT_SMOOTH, check_weight, smooth_neighbours
 from cmrcnet.inference.tiles import SlideLayout, TileGrid, lay_tiles, predict_tiles
 from cmrcnet.inference.tumour import SCORE_KEY, TUMOUR_KEY, tumour_score
 from cmrcnet.reports import REPORT_FILE, slide_report
@@ -272,8 +272,7 @@ def predict_slide(
 
 
 def _check_options(*, batch_size: int, min_tissue: float, step_um: float | None, smooth: float = 0.0) -> None:
-    if not 0.0 <= smooth <= 1.0:
-        raise ConfigError(f"smooth= (the weight of the neighbours' mean) must be in [0, 1], got {smooth}")
+    check_weight(smooth)
     if batch_size < 1:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
     if not 0.0 <= min_tissue <= 1.0:

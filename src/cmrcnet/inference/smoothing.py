@@ -24,6 +24,12 @@ from cmrcnet.errors import ConfigError
 DEFAULT_SMOOTH = 0.5
 
 
+def check_weight(weight: float) -> None:
+    """ConfigError unless the smoothing weight is in [0, 1] (callers check it before a long prediction)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"smooth= (the weight of the neighbours' mean) must be in [0, 1], got {weight}")
+
+
 def grid_pitch(coords: np.ndarray) -> float:
     """Median nearest-neighbour distance between spot centres (in the units of `coords`)."""
     coords = np.asarray(coords, dtype=np.float64)
@@ -61,8 +67,7 @@ def smooth_neighbours(
     numpy.ndarray
         (N, G) float32 smoothed predictions.
     """
-    if not 0.0 <= weight <= 1.0:
-        raise ConfigError(f"smooth= (the weight of the neighbours' mean) must be in [0, 1], got {weight}")
+    check_weight(weight)
     if radius_factor <= 0:
         raise ConfigError(f"smoothing radius_factor must be positive, got {radius_factor}")
     pred = np.asarray(pred, dtype=np.float64)
