@@ -23,10 +23,9 @@ from cmrcnet.run.config import RunConfig, load_run_config
 from cmrcnet.run.layout import BEST_CKPT, LAST_CKPT, RUN_FILE
 from cmrcnet.run.load import load_trained_model
 from cmrcnet.training import trainer as trainer_module
-from cmrcnet.training.trainer import Trainer
 from cmrcnet.workflows.train import train_run
 
-from training_utils import TRAIN_SAMPLES, assert_same_tensors, without_timing
+from training_utils import TRAIN_SAMPLES, assert_same_tensors, interrupted_at_step, without_timing
 
 STEPS_PER_EPOCH = 7  # 56 training spots in batches of 8
 PREFIX = "image_encoder."
@@ -154,19 +153,9 @@ def test_resume_rebuilds_the_encoder_and_ends_like_an_uninterrupted_run(
 ) -> None:
     by_ref, _ = runs
     run_dir = tmp_path / "run"
-    calls = {"n": 0}
-    forward = Trainer._forward
-
-    def interrupted_forward(self, idx, gen):
-        calls["n"] += 1
-        if calls["n"] == STEPS_PER_EPOCH + 2:  # the 2nd step of the 2nd epoch
-            raise KeyboardInterrupt
-        return forward(self, idx, gen)
-
-    monkeypatch.setattr(Trainer, "_forward", interrupted_forward)
-    with pytest.raises(KeyboardInterrupt):
+    # the 2nd step of the 2nd epoch
+    with interrupted_at_step(monkeypatch, STEPS_PER_EPOCH + 2), pytest.raises(KeyboardInterrupt):
         _train(synthetic_ds, run_dir, restore_weights)
-    monkeypatch.setattr(Trainer, "_forward", forward)
     assert load_checkpoint(run_dir / LAST_CKPT)["epoch"] == 0
 
     saved = restore_weights.read_bytes()

@@ -16,13 +16,14 @@ from cmrcnet.errors import CheckpointError
 from cmrcnet.run.checkpoint import load_checkpoint
 from cmrcnet.run.layout import BEST_CKPT, LAST_CKPT, RUN_FILE
 from cmrcnet.training import trainer as trainer_module
-from cmrcnet.training.trainer import Trainer, TrainResult
+from cmrcnet.training.trainer import TrainResult
 from cmrcnet.workflows.train import train_run
 
 from training_utils import (
     TRAIN_SAMPLES,
     assert_same_tensors,
     cli_env,
+    interrupted_at_step,
     run_cli,
     temporary_files,
     without_timing,
@@ -79,19 +80,9 @@ def test_keyboard_interrupt_then_resume_is_exact(
 ) -> None:
     reference, ref_result = uninterrupted
     run_dir = tmp_path / "run"
-    calls = {"n": 0}
-    forward = Trainer._forward
-
-    def interrupted_forward(self, idx, gen):
-        calls["n"] += 1
-        if calls["n"] == 2 * STEPS_PER_EPOCH + 4:  # the 4th step of the 3rd epoch
-            raise KeyboardInterrupt
-        return forward(self, idx, gen)
-
-    monkeypatch.setattr(Trainer, "_forward", interrupted_forward)
-    with pytest.raises(KeyboardInterrupt):
+    # the 4th step of the 3rd epoch
+    with interrupted_at_step(monkeypatch, 2 * STEPS_PER_EPOCH + 4), pytest.raises(KeyboardInterrupt):
         train_tiny(run_dir, tiny_run_config(epochs=EPOCHS))
-    monkeypatch.setattr(Trainer, "_forward", forward)
 
     assert load_checkpoint(run_dir / LAST_CKPT)["epoch"] == 1  # epochs 1 and 2 finished
     assert json.loads((run_dir / RUN_FILE).read_text())["status"] == "training"

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 TRAIN_SAMPLES = ["synS1", "synS2"]  # synthetic slides with images (35 spots each)
@@ -67,3 +70,25 @@ def without_timing(history: list[dict]) -> list[dict]:
 def temporary_files(run_dir: Path) -> list[str]:
     """Names in `run_dir` that are left-over temporary files (atomic writes use hidden '.NAME.*' siblings)."""
     return sorted(p.name for p in run_dir.iterdir() if p.name.startswith("."))
+
+
+@contextmanager
+def interrupted_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> Iterator[None]:
+    """Training inside this block raises KeyboardInterrupt at its `step`-th training step (1-based), as Ctrl-C
+    would; the trainer is restored on leaving the block."""
+    from cmrcnet.training.trainer import Trainer
+
+    forward = Trainer._forward
+    calls = {"n": 0}
+
+    def interrupted_forward(self, idx, gen):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return forward(self, idx, gen)
+
+    monkeypatch.setattr(Trainer, "_forward", interrupted_forward)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Trainer, "_forward", forward)
