@@ -19,43 +19,43 @@ ROWS = ("cmrcnet-ssl+hc", "cmrcnet-rand+hc", "cmrcnet-cpu30", "cmrcnet-ssl+hc+ba
 VS = ("knn-handcrafted", "knn", "ridge", "bleep")
 
 
-def table(summary: dict, rows: tuple[str, ...] = ROWS, *, paired: bool = True) -> str:
-    head = ["method", "sections x seeds", "HEG-50 PCC", "HVG-50 PCC", "markers PCC", "spot-wise PCC"]
-    if paired:
-        head += [f"HEG-50 vs {v}" for v in VS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in [r for r in rows if r in summary] + sorted(
-            m for m in summary if m not in rows and "+smooth" in m and m.startswith("cmrcnet")):
-        e = summary[m]
-        seeds = sorted({len(v) for v in e["seeds_per_section"].values()})
-        cells = [m, f"{len(e['tests'])} x {'/'.join(map(str, seeds))}"]
-        cells += [_cell(e[k]) for k in ("pcc_heg50", "pcc_hvg50", "pcc_markers", "spotwise_pcc")]
-        if paired:
-            for kind in VS:
-                b = peer(m, kind, summary)
-                cells.append(_ci(e["vs"][b]) if b and b in e["vs"] else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
+TITLES = {"pcc_heg50": "HEG-50 PCC", "pcc_hvg50": "HVG-50 PCC", "pcc_markers": "markers PCC",
+          "spotwise_pcc": "spot-wise PCC"}
 MARKER_ROWS = ("cmrcnet-ssl+hc", "cmrcnet-rand+hc", "cmrcnet-cpu30", "cmrcnet-ssl+hc+bank", "cmrcnet-ssl+hc+smooth",
                "cmrcnet-ssl+hc+bank+smooth", "cmrcnet-ssl+hc+bank-ens+smooth", "bleep-ssl+hc", "regression-ssl+hc",
                "knn-ssl+hc", "knn-handcrafted")
 
 
-def markers_table(summary: dict, rows: tuple[str, ...] = MARKER_ROWS) -> str:
-    """Marker PCC with the per-section paired differences (bootstrap over sections only)."""
-    head = ["method", "sections x seeds", "markers PCC"] + [f"markers vs {v}" for v in VS]
+def _markdown(summary: dict, methods: list[str], metrics: tuple[str, ...], compare: str | None) -> str:
+    """One row per method: sections x seeds, `metrics` (mean ± sd over sections) and, with `compare` ("heg50"
+    or "markers"), the paired difference against each kind of baseline in `VS`."""
+    head = ["method", "sections x seeds", *(TITLES[k] for k in metrics)]
+    if compare:
+        head += [f"{'HEG-50' if compare == 'heg50' else 'markers'} vs {v}" for v in VS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in [r for r in rows if r in summary]:
+    for m in methods:
         e = summary[m]
         seeds = sorted({len(v) for v in e["seeds_per_section"].values()})
-        cells = [m, f"{len(e['tests'])} x {'/'.join(map(str, seeds))}", _cell(e["pcc_markers"])]
-        for kind in VS:
-            b = peer(m, kind, summary)
-            cells.append(_ci(e["vs"][b], "markers") if b and b in e["vs"] else "")
+        cells = [m, f"{len(e['tests'])} x {'/'.join(map(str, seeds))}", *(_cell(e[k]) for k in metrics)]
+        if compare:
+            for kind in VS:
+                b = peer(m, kind, summary)
+                cells.append(_ci(e["vs"][b], compare) if b and b in e["vs"] else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table(summary: dict, rows: tuple[str, ...] = ROWS, *, paired: bool = True) -> str:
+    """The main table: `rows` present, then the smoothed CMRCNet rows; HEG-50 paired differences."""
+    methods = [r for r in rows if r in summary] + sorted(
+        m for m in summary if m not in rows and "+smooth" in m and m.startswith("cmrcnet"))
+    return _markdown(summary, methods, ("pcc_heg50", "pcc_hvg50", "pcc_markers", "spotwise_pcc"),
+                     "heg50" if paired else None)
+
+
+def markers_table(summary: dict, rows: tuple[str, ...] = MARKER_ROWS) -> str:
+    """Marker PCC with the per-section paired differences (bootstrap over sections only)."""
+    return _markdown(summary, [r for r in rows if r in summary], ("pcc_markers",), "markers")
 
 
 def main(argv: list[str]) -> int:
