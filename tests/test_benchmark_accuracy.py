@@ -3,6 +3,8 @@ and the rule that no test patient reaches training, pretraining, the bank, the b
 
 from __future__ import annotations
 
+import gzip
+import json
 import sys
 from pathlib import Path
 
@@ -130,6 +132,13 @@ def test_a_merged_result_says_where_each_part_ran(tmp_path: Path) -> None:
     md = (tmp_path / "merged.md").read_text()
     assert "| bleep-y | cuda | 1 | 40 |" in md and "| cmrcnet-x | cpu | 1 | 4000 |" in md
     assert "GPU NVIDIA H200" in md
+    with gzip.open(tmp_path / "merged_runs.json.gz", "rt") as f:  # the sidecar says where its rows were measured
+        sidecar = json.load(f)
+    assert [p["cpu"] for p in sidecar["parts"]] == ["cpu of the cpu part", "cpu of the cuda part"]
+    with gzip.open(tmp_path / "old_runs.json.gz", "wt") as f:  # an older sidecar held the rows alone
+        json.dump(cpu["runs"], f)
+    (tmp_path / "old.json").write_text(json.dumps({"runs_file": "old_runs.json.gz"}))
+    assert results.read_record(tmp_path / "old.json")["runs"] == cpu["runs"]
 
 
 # ---------------------------------------------------------------------- k choice
