@@ -32,12 +32,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cmrcnet.atomic import write_json
+from cmrcnet.constants import DEFAULT_SMOOTH
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.genes import expression_matrix
 from cmrcnet.data.markers import BREAST_CANCER_MARKERS, BREAST_TUMOUR_MARKERS
 from cmrcnet.evaluation.localisation import match_points, tumour_score
 from cmrcnet.inference.slide import predict_slide
-from cmrcnet.inference.smoothing import DEFAULT_SMOOTH
 
 from _machine import git_commit, machine_info
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cmrcnet.constants import DEFAULT_SMOOTH
+
 if TYPE_CHECKING:
     import anndata as ad
 
@@ -163,7 +165,7 @@ class Model:
         precision: str = "auto",
         progress: bool = True,
         stain_normalise: bool = False,
-        smooth: float = 0.5,
+        smooth: float = DEFAULT_SMOOTH,
     ) -> ad.AnnData:
         """Predict every spot of prepared `samples` (a sample never retrieves its own bank spots).
 

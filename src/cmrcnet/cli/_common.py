@@ -57,7 +57,7 @@ def _add_stain(p: argparse.ArgumentParser) -> None:
 
 
 def _add_smooth(p: argparse.ArgumentParser, unit: str) -> None:
-    from cmrcnet.inference.smoothing import DEFAULT_SMOOTH
+    from cmrcnet.constants import DEFAULT_SMOOTH
 
     p.add_argument(
         "--smooth", type=float, default=DEFAULT_SMOOTH, metavar="W",

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from cmrcnet import __version__
 from cmrcnet.atomic import atomic_path
-from cmrcnet.constants import CMRCNET_UNS, SAMPLE_KEY, SPATIAL_KEY
+from cmrcnet.constants import CMRCNET_UNS, DEFAULT_SMOOTH, SAMPLE_KEY, SPATIAL_KEY
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.hdf5 import write_h5ad
 from cmrcnet.data.spots import load_spot_table
@@ -31,7 +31,7 @@ from cmrcnet.inference.confidence import (
 )
 from cmrcnet.inference.export import SPATIAL_UNS, SPOT_DIAMETER_UM, spatial_library
 from cmrcnet.inference.retrieval import WEIGHTINGS, aggregate, clamp_k, make_index
-from cmrcnet.inference.smoothing import DEFAULT_SMOOTH, check_weight, smooth_neighbours
+from cmrcnet.inference.smoothing import check_weight, smooth_neighbours
 from cmrcnet.models.preprocess import images_to_float
 from cmrcnet.run.layout import STAIN_REFERENCE_FILE
 from cmrcnet.run.load import TrainedModel, load_trained_model

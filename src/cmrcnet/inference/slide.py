@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from cmrcnet.atomic import write_json
-from cmrcnet.constants import CMRCNET_UNS, SAMPLE_KEY, SPATIAL_KEY
+from cmrcnet.constants import CMRCNET_UNS, DEFAULT_SMOOTH, SAMPLE_KEY, SPATIAL_KEY
 from cmrcnet.data.markers import default_markers, default_tumour_markers
 from cmrcnet.data.slide_reader import SlideReader, open_slide
 from cmrcnet.data.stain import LabStats, lab_stats
@@ -63,7 +63,7 @@ from cmrcnet.inference.slide_outputs import (
     TUMOUR_MASK_FILE,
     write_slide_outputs,
 )
-from cmrcnet.inference.smoothing import DEFAULT_SMOOTH, check_weight, smooth_neighbours
+from cmrcnet.inference.smoothing import check_weight, smooth_neighbours
 from cmrcnet.inference.tiles import SlideLayout, TileGrid, lay_tiles, predict_tiles
 from cmrcnet.inference.tumour import SCORE_KEY, TUMOUR_KEY, tumour_score
 from cmrcnet.reports import REPORT_FILE, slide_report

@@ -18,11 +18,6 @@ from scipy.spatial import cKDTree
 
 from cmrcnet.errors import ConfigError
 
-# The default of predict, predict-slide(s) and cv. On held-out her2st patients (benchmarks/results/
-# her2st_accuracy.md) a weight of 0.5 raised the mean HEG-50 PCC of every method and baseline in every protocol
-# (by +0.001 to +0.039) and the marker PCC of all but one; 0 turns it off.
-DEFAULT_SMOOTH = 0.5
-
 
 def check_weight(weight: float) -> None:
     """ConfigError unless the smoothing weight is in [0, 1] (callers check it before a long prediction)."""

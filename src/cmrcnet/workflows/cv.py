@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from cmrcnet.atomic import write_json, write_text
+from cmrcnet.constants import DEFAULT_SMOOTH
 from cmrcnet.data.splits import Fold, describe_folds
 from cmrcnet.errors import ConfigError
 from cmrcnet.evaluation.evaluate import PROTOCOL_LABEL, evaluate_predictions
 from cmrcnet.inference.predict import predict_samples
-from cmrcnet.inference.smoothing import DEFAULT_SMOOTH
 from cmrcnet.run.config import RunConfig, load_run_config
 from cmrcnet.run.layout import CONFIG_FILE
 from cmrcnet.training.distributed import dist_from_env
