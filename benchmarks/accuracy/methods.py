@@ -35,6 +35,10 @@ class Variant:
     only_fold: str | None = None  # run only in this fold (the paper recipe: C -> B4)
     only_seed: int | None = None
     note: str = ""
+    train: tuple[tuple[str, float], ...] = ()  # TrainConfig fields set on top of the preset
+
+
+SCANNER_AUG = (("stain_jitter", 0.3), ("scale_jitter", 8.0))  # other stains; slides down to ~4 um/px
 
 
 VARIANTS: dict[str, Variant] = {
@@ -46,6 +50,8 @@ VARIANTS: dict[str, Variant] = {
     "regression-rand+hc": Variant("regression", "random", True, True, FROZEN_EPOCHS, lr=FROZEN_LR),
     "cmrcnet-cpu30": Variant("cmrcnet", "none", False, False, 30,
                              note="today's `cmrcnet train` default: cpu ViT end to end, 30 epochs, lr 1e-4"),
+    "cmrcnet-cpu30-aug": Variant("cmrcnet", "none", False, False, 30, train=SCANNER_AUG,
+                                 note="cmrcnet-cpu30 with stain jitter 0.3 and resolution jitter up to 8x"),
     "cmrcnet-scratch-cpu12": Variant("cmrcnet", "none", False, False, 12,
                                      note="cpu ViT trained end to end for 12 epochs (NOT the paper's recipe)"),
     "cmrcnet-paper60": Variant("cmrcnet", "none", False, False, 60, preset="paper", only_fold="patient-test-B",

@@ -130,6 +130,8 @@ def run_config(variant: str, seed: int, quick: bool, encoder_dir: Path | None, c
     cfg.train.epochs = 1 if quick else v.epochs
     if v.lr is not None:
         cfg.train.lr = v.lr
+    for field, value in v.train:
+        setattr(cfg.train, field, value)
     cfg.genes.include = list(M.MARKERS)
     if quick:
         cfg.train.batch_size = 16

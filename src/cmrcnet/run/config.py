@@ -40,6 +40,8 @@ class TrainConfig:
     augment_flips: bool = True  # random horizontal and vertical flips
     augment_rot90: bool = True  # random rotations by multiples of 90 degrees
     color_jitter: float = 0.0  # strength of random per-channel scale/shift in [0, 1] colour space (0: off)
+    stain_jitter: float = 0.0  # strength of random per-channel optical-density scale/shift (0: off)
+    scale_jitter: float = 1.0  # patches shrunk by up to this factor and resized back, as coarser scans (1: off)
     max_grad_norm: float = 0.0  # gradient clipping norm (0: off)
     num_threads: int = 0  # CPU threads for torch (0: torch's default)
     select: str = "best"  # checkpoint used for prediction: "best" (lowest validation loss) or "last"
@@ -64,6 +66,8 @@ class TrainConfig:
             f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}",
         )
         _require(self.color_jitter >= 0, f"color_jitter must be >= 0, got {self.color_jitter}")
+        _require(0 <= self.stain_jitter < 1, f"stain_jitter must be in [0, 1), got {self.stain_jitter}")
+        _require(self.scale_jitter >= 1, f"scale_jitter must be >= 1, got {self.scale_jitter}")
         _require(self.select in ("best", "last"), f"select must be 'best' or 'last', got {self.select!r}")
         _require(self.num_threads >= 0, f"num_threads must be >= 0, got {self.num_threads}")
 

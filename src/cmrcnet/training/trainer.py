@@ -137,8 +137,10 @@ class Trainer:
         features: fit their standardisation on the training spots (a fresh run only; a resumed run has it)."""
         t, m = self.tcfg, self.mcfg
         if m.freeze_encoder:
-            if t.color_jitter > 0:
-                logger.warning("colour jitter is ignored with a frozen encoder (features are computed once)")
+            if t.color_jitter > 0 or t.stain_jitter > 0 or t.scale_jitter > 1:
+                logger.warning(
+                    "colour, stain and resolution jitter are ignored with a frozen encoder (features are computed once)"
+                )
             variants = dihedral_variants(flips=t.augment_flips, rot90=t.augment_rot90)
             both = SpotTable.concat([self.train_set, self.val_set])
             feats, self.feature_cache_summary = frozen_features(
@@ -347,6 +349,8 @@ class Trainer:
                 flips=t.augment_flips,
                 rot90=t.augment_rot90,
                 color_jitter=t.color_jitter,
+                stain_jitter=t.stain_jitter,
+                scale_jitter=t.scale_jitter,
             )
             .to(self.device, non_blocking=True)
             .contiguous(memory_format=torch.channels_last)
