@@ -255,7 +255,9 @@ def train(
     resume
         Continue the run in `run_dir` from its last.pt.
     **overrides
-        Single fields: ``epochs``, ``batch_size``, ``lr``, ``seed``, ``precision`` (training), ``method``,
+        Single fields: ``epochs``, ``batch_size``, ``lr``, ``seed``, ``precision``, ``stain_jitter``
+        (random optical-density scale/shift per channel), ``scale_jitter`` (patches shrunk by up to this factor
+        and resized back, as from coarser scanners) (training), ``method``,
         ``gene_mode`` ("strict"/"paper"), ``n_genes`` (highly variable genes), ``n_expressed_genes`` (highly
         expressed genes added, default 100), ``include_genes`` (list), ``tumour_markers`` (add the
         tumour marker panel the training samples measure; default True), ``encoder``,
@@ -295,7 +297,7 @@ def train(
     return model
 
 
-TRAIN_FIELDS = ("epochs", "batch_size", "lr", "seed", "precision")
+TRAIN_FIELDS = ("epochs", "batch_size", "lr", "seed", "precision", "stain_jitter", "scale_jitter")
 
 
 def apply_overrides(cfg: RunConfig, **overrides: Any) -> RunConfig:

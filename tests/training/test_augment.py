@@ -1,4 +1,5 @@
-"""Batch augmentation (dihedral transforms, colour jitter), the learning-rate schedule and batching."""
+"""Batch augmentation (dihedral transforms, colour, stain and resolution jitter), the learning-rate schedule
+and batching."""
 
 from __future__ import annotations
 
@@ -105,6 +106,65 @@ def test_color_jitter_stays_in_the_colour_range() -> None:
     back = out * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     assert back.min() >= -1e-6 and back.max() <= 1 + 1e-6
     assert not torch.allclose(out, images_to_float(images))
+
+
+def _unnormalise(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) model input -> colours on a 0-1 scale."""
+    return x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+
+
+def test_stain_jitter_scales_optical_density_per_image_and_channel() -> None:
+    """Each image's channels are od * a + c in optical density: a pixel twice as dense as another stays
+    (about) twice as dense, glass stays near white, and images get different balances."""
+    base = torch.full((40, 8, 8, 3), 200, dtype=torch.uint8)
+    base[:, :4] = 100  # top half denser
+    base[:, :, :, 2] = 255  # blue channel: white glass
+    out = _unnormalise(augment(base, torch.Generator().manual_seed(0), flips=False, rot90=False, stain_jitter=0.3))
+    od = -torch.log(out.clamp(min=1 / 255))  # (B, 3, 8, 8)
+    assert od.min() >= 0 and out.max() <= 1 + 1e-6
+    dense, light = od[:, :2, 0, 0], od[:, :2, -1, 0]  # (B, 2) red and green, top vs bottom
+    od_dense, od_light = math.log(255 / 100), math.log(255 / 200)
+    a = (dense - light) / (od_dense - od_light)  # od' = a od + c, one (a, c) per image and channel
+    c = light - a * od_light
+    assert a.min() >= 0.7 - 1e-4 and a.max() <= 1.3 + 1e-4 and a.std() > 0.05
+    assert c.abs().max() <= 0.25 * 0.3 + 1e-4
+    assert out[:, 2].min() > math.exp(-0.25 * 0.3) - 1e-4  # glass at most a faint tint
+    assert dense[:, 0].std() > 0.02  # images differ in stain strength
+    assert not torch.allclose(dense[:, 0], dense[:, 1])  # and channels differ within an image
+
+
+def test_resolution_jitter_blurs_fine_detail_of_some_patches_and_keeps_flat_ones() -> None:
+    side = 32
+    checker = ((torch.arange(side).view(-1, 1) + torch.arange(side).view(1, -1)) % 2 * 255).to(torch.uint8)
+    images = checker.view(1, side, side, 1).expand(64, side, side, 3).contiguous()  # finest possible detail
+    out = _unnormalise(augment(images, torch.Generator().manual_seed(0), flips=False, rot90=False, scale_jitter=8))
+    contrast = out.flatten(1).std(dim=1)  # (B,)
+    sharp = _unnormalise(images_to_float(images)).flatten(1).std(dim=1)
+    assert (contrast < 0.5 * sharp).float().mean() > 0.5  # most patches lost the single-pixel pattern
+    assert (contrast > 0.99 * sharp).any()  # factor 1 is one of the levels: some stay as they were
+    assert torch.allclose(out.mean(dim=(1, 2, 3)), torch.full((64,), 0.5), atol=0.03)  # mean colour kept
+    flat = torch.full((8, side, side, 3), 180, dtype=torch.uint8)
+    torch.testing.assert_close(
+        augment(flat, torch.Generator(), flips=False, rot90=False, scale_jitter=8), images_to_float(flat),
+        rtol=0, atol=1e-5,
+    )
+
+
+def test_stain_and_resolution_jitter_are_seeded() -> None:
+    images = _random_batch(16)
+    kwargs = dict(flips=False, rot90=False, stain_jitter=0.3, scale_jitter=4.0)
+    a = augment(images, torch.Generator().manual_seed(3), **kwargs)
+    assert torch.equal(a, augment(images, torch.Generator().manual_seed(3), **kwargs))
+    assert not torch.equal(a, augment(images, torch.Generator().manual_seed(4), **kwargs))
+
+
+@pytest.mark.parametrize(("field", "value"), [("stain_jitter", -0.1), ("stain_jitter", 1.0), ("scale_jitter", 0.5)])
+def test_jitter_settings_are_checked(field: str, value: float) -> None:
+    from cmrcnet.errors import ConfigError
+    from cmrcnet.run.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**{field: value}).validate()
 
 
 # --------------------------------------------------------------------------------------- learning rate

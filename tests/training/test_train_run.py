@@ -243,3 +243,27 @@ def test_auto_precision_is_resolved_recorded_and_kept_auto_in_the_config(
     assert recorded["probe"]["bf16_speedup"] == pytest.approx(1 / 161, abs=1e-4)
     # the config says what was asked for, so the run resumed on another machine measures again
     assert load_run_config(run_dir / CONFIG_FILE).train.precision == "auto"
+
+
+def test_jitter_flags_reach_the_saved_config_and_change_training(
+    trained: tuple[Path, TrainResult], synthetic_ds: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`--stain-jitter` / `--scale-jitter` are saved with the run, and the same seed then trains other weights
+    (the augmented patches differ); the reference run has both off (the tiny preset's values)."""
+    from cmrcnet.cli import main
+
+    run_dir, _ = trained
+    out = tmp_path / "jitter"
+    args = ["train", "--data", str(synthetic_ds), "--train-samples", ",".join(TRAIN_SAMPLES), "--out", str(out),
+            "--config", "tiny", "--epochs", str(EPOCHS), "--stain-jitter", "0.2", "--scale-jitter", "3", "--quiet"]
+    assert main(args) == 0
+    saved = load_run_config(out / CONFIG_FILE).train
+    assert (saved.stain_jitter, saved.scale_jitter) == (0.2, 3.0)
+    plain = load_run_config(run_dir / CONFIG_FILE).train
+    assert (plain.stain_jitter, plain.scale_jitter) == (0.0, 1.0)
+    reference, jittered = load_checkpoint(run_dir / LAST_CKPT)["model"], load_checkpoint(out / LAST_CKPT)["model"]
+    assert any(v.is_floating_point() and not torch.equal(v, jittered[k]) for k, v in reference.items())
+    bad = [*args[:6], str(tmp_path / "bad"), *args[7:-5], "--stain-jitter", "1.5", "--quiet"]
+    assert main(bad) == 2  # out of range: a clear error, exit 2, nothing written
+    assert "stain_jitter must be in [0, 1), got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -38,6 +38,16 @@ def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--precision", choices=PRECISION_CHOICES, help=PRECISION_HELP)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument(
+        "--stain-jitter", type=float, metavar="S",
+        help="augmentation for other stains and scanners: each patch's optical density scaled per channel by "
+        "a random factor in [1-S, 1+S] (0 turns it off; default: the preset's)",
+    )
+    p.add_argument(
+        "--scale-jitter", type=float, metavar="F",
+        help="augmentation for coarser scans: patches shrunk by a random factor up to F and resized back "
+        "(1 turns it off; default: the preset's)",
+    )
     p.add_argument("--genes", choices=GENE_MODES, help="gene selection protocol (default strict)")
     p.add_argument("--n-genes", type=_positive_int, help="number of highly variable genes (strict mode)")
     p.add_argument("--n-expressed-genes", type=int, metavar="M",
@@ -95,6 +105,8 @@ def _run_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         precision=args.precision,
+        stain_jitter=args.stain_jitter,
+        scale_jitter=args.scale_jitter,
         method=args.method,
         gene_mode=args.genes,
         n_genes=args.n_genes,
