@@ -120,16 +120,16 @@ def derived_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict],
 
 def stain_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], variants: list[str],
                make_row) -> list[dict]:
-    """`<method>+stain` rows on the folds holding the degraded copy: test patches colour-normalised (slide-level
-    Reinhard, cmrcnet.data.stain) to the fold's training patches before prediction; baselines likewise."""
+    """`<method>+stain` rows on every patient-level fold: test patches colour-normalised (slide-level Reinhard,
+    cmrcnet.data.stain) to the fold's training patches before prediction; baselines likewise. Each also gets
+    `<method>+stain+smooth` (what `predict --stain-normalise` gives with its default smoothing)."""
     from cmrcnet.data.stain import lab_stats
 
     from .main import baseline_predictions
-    from .plan import DEGRADED
 
     out = []
     for name, fold in folds.items():
-        if DEGRADED not in fold["tests"]:
+        if fold["protocol"] != "patient":
             continue
         mine = [r for r in rows if r["fold"] == name and r["method"] != "mean"]
         if not mine:
@@ -145,6 +145,8 @@ def stain_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], v
             out.append(make_row(fold, r["test"], f"{r['method']}+stain", r["seed"],
                                 runner.evaluate_row(pred, ds, rdir / f"eval_{r['test']}{suffix}+stain"),
                                 k=r["k"], derived="test patches colour-normalised to the training patches"))
+            out.append(_smoothed_row(pred, f"{r['method']}+stain", r["seed"], fold, r["test"], ds,
+                                     rdir / f"eval_{r['test']}{suffix}+stain+smooth", make_row))
         base = [r for r in mine if r["seed"] is None]
         if base:
             seed = min(r["seed"] for r in mine if isinstance(r["seed"], int))
@@ -159,6 +161,8 @@ def stain_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], v
                 out.append(make_row(fold, test, f"{method}+stain", None,
                                     runner.evaluate_row(pred, ds, work / "runs" / name / f"eval_{method}_{test}+stain"),
                                     k=info.get("k"), derived="test patches colour-normalised to the training patches"))
+                out.append(_smoothed_row(pred, f"{method}+stain", None, fold, test, ds,
+                                         work / "runs" / name / f"eval_{method}_{test}+stain+smooth", make_row))
     return out
 
 
