@@ -71,6 +71,8 @@ def main() -> None:
     )
     ap.add_argument("--smooth", type=float, default=DEFAULT_SMOOTH,
                     help=f"weight of the neighbouring tiles' predictions (default {DEFAULT_SMOOTH}, predict-slide's)")
+    ap.add_argument("--stain-normalise", action=argparse.BooleanOptionalAction, default=None,
+                    help="predict-slide's stain normalisation (default: predict-slide's default)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     args = ap.parse_args()
 
@@ -95,6 +97,7 @@ def main() -> None:
             device=args.device,
             progress=True,
             smooth=args.smooth,
+            stain_normalise=args.stain_normalise,
         )
         seconds = time.perf_counter() - t0
     pred = result.adata
@@ -137,6 +140,7 @@ def main() -> None:
         "fov_um": float(info["fov_um"]),
         "step_um": float(info["step_um"]),
         "smoothing_weight": float(info["smoothing_weight"]),
+        "stain_normalisation": info.get("stain_normalisation", "none"),
         "level": int(info["level"]),
         "seconds_total": round(seconds, 2),
         **{

@@ -164,7 +164,7 @@ class Model:
         batch_size: int = 128,
         precision: str = "auto",
         progress: bool = True,
-        stain_normalise: bool = False,
+        stain_normalise: bool | None = None,
         smooth: float = DEFAULT_SMOOTH,
     ) -> ad.AnnData:
         """Predict every spot of prepared `samples` (a sample never retrieves its own bank spots).
@@ -186,7 +186,8 @@ class Model:
         stain_normalise
             Map each sample's colours onto the run's training patches first (slide-level Reinhard,
             `cmrcnet.data.stain`; for slides from another scanner or lab); recorded in
-            ``uns["cmrcnet"]["stain_normalisation"]``.
+            ``uns["cmrcnet"]["stain_normalisation"]``. None (default): `cmrcnet.constants.DEFAULT_STAIN_NORMALISE`,
+            skipped with a log line for runs made before stain references existed.
         smooth
             Average each spot's prediction with its neighbours' (weight of the neighbours' mean, 0-1;
             `cmrcnet.inference.smoothing`, predictions only, never measured expression). Default 0.5: it
@@ -203,7 +204,7 @@ class Model:
             confidence_reference.json, ``uns["cmrcnet"]["confidence_reference"]`` and
             ``uns["cmrcnet"]["fraction_below_reference_p5"]`` (`cmrcnet.inference.confidence`).
         """
-        from cmrcnet.inference.predict import predict_spots, run_stain_target
+        from cmrcnet.inference.predict import predict_spots, resolve_stain_target
 
         return predict_spots(
             self.trained,
@@ -217,7 +218,7 @@ class Model:
             batch_size=batch_size,
             precision=precision,
             progress=progress,
-            stain_target=run_stain_target(self.trained) if stain_normalise else None,
+            stain_target=resolve_stain_target(self.trained, stain_normalise),
             smooth=smooth,
         )
 
@@ -443,7 +444,7 @@ def cv(data: str | Path, out: str | Path, *, split: str, **options: Any) -> CvRe
         "leave-one-sample-out", "leave-one-patient-out" or "kfold".
     **options
         ``methods``, ``config``, ``seeds``, ``samples``, ``k``, ``split_seed``, ``epochs``, ``precision``,
-        ``markers``, ``protocol``, ``device``, ``plots``, ``progress``, ``smooth`` (default 0.5)
+        ``markers``, ``protocol``, ``device``, ``plots``, ``progress``, ``smooth`` (default 0.5), ``stain_normalise``
         (`cmrcnet.workflows.cv.run_cv`).
 
     Returns

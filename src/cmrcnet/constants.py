@@ -34,3 +34,12 @@ SPOT_DIAMETER_UM = {"st": 100.0, "visium": 55.0}
 # HEG-50 PCC of every method and baseline in every protocol (by +0.001 to +0.039) and the marker PCC of all but
 # one; 0 turns it off.
 DEFAULT_SMOOTH = 0.5
+
+# Slide-level stain normalisation (cmrcnet.data.stain: Reinhard onto the run's training patches' colours) before
+# prediction, the default of predict, predict-slide(s) and cv where the run holds its stain reference
+# (stain_reference.json; runs made before it existed predict without, with a log line). For the default
+# `cmrcnet train` model on held-out her2st patients (benchmarks/results/her2st_accuracy.md, rows
+# cmrcnet-cpu30+smooth -> cmrcnet-cpu30+stain+smooth, 3 seeds) it raised HEG-50 PCC on the six held-out sections
+# from 0.004 to 0.018 (B4 0.053 -> 0.131) and on the B4 copy degraded to another scanner from 0.049 to 0.071
+# (markers 0.171 -> 0.234). It hurts kNN on handcrafted colour features; --no-stain-normalise turns it off.
+DEFAULT_STAIN_NORMALISE = True

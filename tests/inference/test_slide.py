@@ -311,27 +311,42 @@ def test_unknown_heatmap_gene_is_refused(run: Path, slide_tif: Path, tmp_path: P
     assert "NOTAGENE" in capsys.readouterr().err
 
 
-def test_stain_normalise_maps_a_recoloured_slide_back(run: Path, tmp_path: Path) -> None:
+def test_stain_normalise_maps_a_recoloured_slide_back(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--stain-normalise: a slide in another stain balance on a black background is mapped onto the training
-    patches' colours before prediction; recorded in provenance. Without a stain reference: a clear error."""
+    patches' colours before prediction; recorded in provenance. --no-stain-normalise turns it off; no flag gives
+    DEFAULT_STAIN_NORMALISE. A run without a stain reference: the default predicts without it (with a log
+    line), an explicit --stain-normalise is a clear error."""
+    from cmrcnet.constants import DEFAULT_STAIN_NORMALISE
+
     img = draw_slide().astype(np.float64)
     od = -np.log(np.clip(img / 255.0, 1 / 255, 1.0)) * np.array([1.4, 0.7, 1.2])  # another stain balance
     img = np.exp(-od) * 255.0
     img[np.all(draw_slide() >= 230, axis=2)] = 3.0  # black background instead of white glass
     path = tmp_path / "recoloured.tif"
     write_pyramid(path, np.clip(img, 0, 255).astype(np.uint8))
-    plain, normed = tmp_path / "plain", tmp_path / "normed"
-    assert _predict(run, path, plain) == 0
+    plain, normed, default = tmp_path / "plain", tmp_path / "normed", tmp_path / "default"
+    assert _predict(run, path, plain, "--no-stain-normalise") == 0
     assert _predict(run, path, normed, "--stain-normalise") == 0
+    assert _predict(run, path, default) == 0
     a, b = ad.read_h5ad(plain / "prediction.h5ad"), ad.read_h5ad(normed / "prediction.h5ad")
     assert a.uns["cmrcnet"]["stain_normalisation"] == "none"
     assert b.uns["cmrcnet"]["stain_normalisation"].startswith("Reinhard")
     assert a.n_obs == b.n_obs and not np.allclose(a.X, b.X)
+    c = ad.read_h5ad(default / "prediction.h5ad")
+    np.testing.assert_array_equal(c.X, (b if DEFAULT_STAIN_NORMALISE else a).X)
     # a run made before stain references existed
     old = tmp_path / "old_run"
     shutil.copytree(run, old)
     (old / "stain_reference.json").unlink()
     assert _predict(old, path, tmp_path / "x", "--stain-normalise") == 2
+    capsys.readouterr()
+    assert _predict(old, path, tmp_path / "y") == 0
+    assert ad.read_h5ad(tmp_path / "y" / "prediction.h5ad").uns["cmrcnet"]["stain_normalisation"] == "none"
+    if DEFAULT_STAIN_NORMALISE:
+        err = capsys.readouterr().err
+        assert "no stain reference" in err and "without stain normalisation" in err
 
 
 def test_a_slide_at_another_resolution_is_read_at_the_training_field_of_view_with_a_warning(

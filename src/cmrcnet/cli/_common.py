@@ -48,11 +48,15 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
 
 
 def _add_stain(p: argparse.ArgumentParser) -> None:
+    from cmrcnet.constants import DEFAULT_STAIN_NORMALISE
+
     p.add_argument(
         "--stain-normalise",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="map each slide's colours onto the training patches' first (slide-level Reinhard; black background "
-        "made white): for slides from another scanner or lab; measured in benchmarks/results/her2st_accuracy.md",
+        f"made white), for slides from another scanner or lab (default: {'on' if DEFAULT_STAIN_NORMALISE else 'off'}"
+        ", skipped for runs without a stain reference; measured in benchmarks/results/her2st_accuracy.md)",
     )
 
 

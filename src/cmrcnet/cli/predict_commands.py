@@ -198,6 +198,7 @@ def _add_cv(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) ->
     p.add_argument("--precision", choices=PRECISION_CHOICES, help=PRECISION_HELP + "; overrides the config")
     p.add_argument("--plots", action="store_true", help="draw expression maps for every fold (slow)")
     _add_smooth(p, "spot")
+    _add_stain(p)
     p.set_defaults(handler=_run_cv)
 
 
@@ -224,6 +225,7 @@ def _run_cv(args: argparse.Namespace) -> int:
         plots=args.plots,
         progress=not args.quiet,
         smooth=args.smooth,
+        stain_normalise=args.stain_normalise,
         command=" ".join(["cmrcnet", *sys.argv[1:]]),
     )
     print((result.out_dir / SUMMARY_MD).read_text(encoding="utf-8"))

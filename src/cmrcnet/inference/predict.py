@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from cmrcnet import __version__
 from cmrcnet.atomic import atomic_path
-from cmrcnet.constants import CMRCNET_UNS, DEFAULT_SMOOTH, SAMPLE_KEY, SPATIAL_KEY
+from cmrcnet.constants import CMRCNET_UNS, DEFAULT_SMOOTH, DEFAULT_STAIN_NORMALISE, SAMPLE_KEY, SPATIAL_KEY
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.hdf5 import write_h5ad
 from cmrcnet.data.spots import load_spot_table
@@ -199,13 +199,14 @@ def predict_samples(
     precision: str = "auto",
     device: str = "cpu",
     progress: bool = True,
-    stain_normalise: bool = False,
+    stain_normalise: bool | None = None,
     smooth: float = DEFAULT_SMOOTH,
 ) -> ad.AnnData:
     """Predict log1p expression for every spot of `samples`; write PRED.h5ad atomically when `out_path` is given.
 
     `precision`: "auto" (default; measured, see `cmrcnet.runtime.resolve_precision`), "fp32", "bf16" or "fp16".
-    `stain_normalise`: map each sample's colours onto the run's training patches first (`run_stain_target`).
+    `stain_normalise`: map each sample's colours onto the run's training patches first (`resolve_stain_target`;
+    None: the default, `cmrcnet.constants.DEFAULT_STAIN_NORMALISE`).
     """
     trained = load_trained_model(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device)
     bank = None if trained.model_config.method == "regression" else load_bank(run_dir, trained)
@@ -221,7 +222,7 @@ def predict_samples(
         batch_size=batch_size,
         precision=precision,
         progress=progress,
-        stain_target=run_stain_target(trained) if stain_normalise else None,
+        stain_target=resolve_stain_target(trained, stain_normalise),
         smooth=smooth,
     )
 
@@ -232,6 +233,28 @@ STAIN_NOTE = "Reinhard (L*a*b*, slide-level statistics) onto the training patche
 def run_stain_target(trained: TrainedModel) -> LabStats:
     """The colour statistics of a run's training patches (stain_reference.json, written with the bank)."""
     return load_stain_reference(Path(trained.run_dir) / STAIN_REFERENCE_FILE)
+
+
+def resolve_stain_target(trained: TrainedModel, stain_normalise: bool | None) -> LabStats | None:
+    """The colours to normalise onto, or None for no stain normalisation.
+
+    True: the run's stain reference (an error where the run has none); False: none; None: the default
+    (`DEFAULT_STAIN_NORMALISE`), which a run made before stain references existed skips with a log line."""
+    if stain_normalise is None:
+        if not DEFAULT_STAIN_NORMALISE:
+            return None
+        path = Path(trained.run_dir) / STAIN_REFERENCE_FILE
+        if not path.is_file():
+            logger.warning(
+                "%s: the run has no stain reference (%s; trained before stain normalisation existed): predicting "
+                "without stain normalisation",
+                trained.run_dir,
+                STAIN_REFERENCE_FILE,
+            )
+            return None
+    elif not stain_normalise:
+        return None
+    return run_stain_target(trained)
 
 
 def _normalise_stain(table, target: LabStats) -> None:

@@ -51,7 +51,7 @@ from cmrcnet.inference.confidence import (
     slide_confidence_summary,
 )
 from cmrcnet.inference.export import SPATIAL_UNS, spatial_library
-from cmrcnet.inference.predict import STAIN_NOTE, prediction_provenance, run_stain_target
+from cmrcnet.inference.predict import STAIN_NOTE, prediction_provenance, resolve_stain_target
 from cmrcnet.inference.slide_outputs import (
     CONFIDENCE_MAP_FILE,
     HEATMAP_PREFIX,
@@ -121,9 +121,13 @@ def default_map_genes(genes: Sequence[str]) -> list[str]:
     return present[:MAX_DEFAULT_MAPS] if present else list(genes[:N_FALLBACK_MAPS])
 
 
-def _slide_stain(trained: TrainedModel, layout: SlideLayout) -> tuple[LabStats, LabStats]:
-    """(the slide's colour statistics over its thumbnail's tissue pixels, the training patches')."""
-    return lab_stats(layout.thumb[layout.mask.mask]), run_stain_target(trained)
+def _slide_stain(
+    trained: TrainedModel, layout: SlideLayout, stain_normalise: bool | None
+) -> tuple[LabStats, LabStats] | None:
+    """(the slide's colour statistics over its thumbnail's tissue pixels, the training patches'), or None
+    without stain normalisation (`resolve_stain_target`)."""
+    target = resolve_stain_target(trained, stain_normalise)
+    return None if target is None else (lab_stats(layout.thumb[layout.mask.mask]), target)
 
 
 def predict_slide(
@@ -147,7 +151,7 @@ def predict_slide(
     reader: str = "auto",
     plots: bool = True,
     progress: bool = True,
-    stain_normalise: bool = False,
+    stain_normalise: bool | None = None,
     smooth: float = DEFAULT_SMOOTH,
 ) -> SlidePrediction:
     """Predict log1p expression for every tissue tile of `slide` and write the outputs into `out_dir`.
@@ -172,7 +176,8 @@ def predict_slide(
         plots: draw the heatmap, score and confidence PNGs.
         stain_normalise: map the slide's colours onto the run's training patches before prediction
             (slide-level Reinhard, `cmrcnet.data.stain`; the slide's statistics come from the tissue pixels of
-            its thumbnail; black background made white).
+            its thumbnail; black background made white). None: the default,
+            `cmrcnet.constants.DEFAULT_STAIN_NORMALISE` (runs without a stain reference skip it).
         smooth: weight of the neighbouring tiles' predictions in each tile's (`cmrcnet.inference.smoothing`;
             default 0.5, measured on held-out patients; 0: none). The tumour score is computed after it.
     """
@@ -198,7 +203,7 @@ def predict_slide(
         )
         _log_layout(sample_id, layout, slide_reader)
         resolution_warning = _resolution_note(trained, layout)
-        stain = _slide_stain(trained, layout) if stain_normalise else None
+        stain = _slide_stain(trained, layout, stain_normalise)
         t_pred = time.perf_counter()
         preds, conf = predict_tiles(
             trained,

@@ -117,6 +117,7 @@ def run_cv(
     progress: bool = True,
     command: str | None = None,
     smooth: float = DEFAULT_SMOOTH,
+    stain_normalise: bool | None = None,
 ) -> CvResult:
     """Cross-validate `methods` x `seeds` over the folds of `split`; write everything into `out_dir`.
 
@@ -137,6 +138,8 @@ def run_cv(
         plots: expression maps in each fold's eval/ folder (off by default: slow).
         smooth: weight of the neighbouring spots' predictions (`cmrcnet.inference.smoothing`; default 0.5,
             0: none).
+        stain_normalise: map each held-out sample's colours onto its fold's training patches before
+            prediction (None: the default of predict, `cmrcnet.constants.DEFAULT_STAIN_NORMALISE`).
 
     Returns:
         CvResult with the summary dict written to summary.json.
@@ -177,6 +180,7 @@ def run_cv(
             progress=progress,
             command=command,
             smooth=smooth,
+            stain_normalise=stain_normalise,
         )
 
     summary = summarize_cv(
@@ -258,6 +262,7 @@ def _run_one(
     progress: bool,
     command: str | None,
     smooth: float = DEFAULT_SMOOTH,
+    stain_normalise: bool | None = None,
 ) -> None:
     """Train (or resume, or skip a finished training), predict the held-out samples, evaluate (metrics last)."""
     t0 = time.perf_counter()
@@ -288,6 +293,7 @@ def _run_one(
         device=device,
         progress=progress,
         smooth=smooth,
+        stain_normalise=stain_normalise,
     )
     t_pred = time.perf_counter() - t0 - t_train
     write_json(run.dir / TIMING_FILE, {"train_s": round(t_train, 3), "predict_s": round(t_pred, 3)})
