@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cmrcnet import cli
+from cmrcnet.constants import DEFAULT_STAIN_NORMALISE
 from cmrcnet.data.prepare import prepare_sample
 from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples
 from cmrcnet.errors import ConfigError
@@ -95,6 +96,8 @@ def test_loso_two_methods_summary(loso: Path) -> None:
             metrics = json.loads((run / "eval" / "metrics.json").read_text())
             assert metrics["protocol_id"] == "strict" and metrics["test_samples"] == [fold]
             assert fold not in metrics["prediction"]["train_samples"]
+            stain = ad.read_h5ad(run / "pred.h5ad").uns["cmrcnet"]["stain_normalisation"]
+            assert stain.startswith("Reinhard") == DEFAULT_STAIN_NORMALISE  # predict's default
 
     summary = json.loads((loso / "summary.json").read_text())
     assert summary["methods"] == LOSO_METHODS and summary["protocol"] == "strict protocol"
@@ -125,10 +128,12 @@ def test_lopo_via_cli_keeps_patients_apart(
     out = tmp_path / "cv"
     argv = ["cv", "--data", str(data_dir), "--split", "leave-one-patient-out", "--out", str(out)]
     argv += ["--method", "regression", "--config", str(config_file), "--epochs", "1", "--quiet", "--smooth", "0.25"]
+    argv += ["--no-stain-normalise"]
     assert cli.main(argv) == 0
     preds = sorted(out.glob("**/pred.h5ad"))
-    assert len(preds) == 2  # --smooth reaches every fold's prediction
+    assert len(preds) == 2  # --smooth and --no-stain-normalise reach every fold's prediction
     assert all(ad.read_h5ad(p).uns["cmrcnet"]["smoothing_weight"] == 0.25 for p in preds)
+    assert all(ad.read_h5ad(p).uns["cmrcnet"]["stain_normalisation"] == "none" for p in preds)
     assert "cmrcnet cross-validation" in capsys.readouterr().out
     folds = json.loads((out / "folds.json").read_text())
     assert folds["grouping"].startswith("by patient")
