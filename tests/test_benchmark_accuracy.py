@@ -135,10 +135,24 @@ def test_a_merged_result_says_where_each_part_ran(tmp_path: Path) -> None:
     with gzip.open(tmp_path / "merged_runs.json.gz", "rt") as f:  # the sidecar says where its rows were measured
         sidecar = json.load(f)
     assert [p["cpu"] for p in sidecar["parts"]] == ["cpu of the cpu part", "cpu of the cuda part"]
+    cpu_of = {(r["method"], r["protocol"]): r["cpu"] for r in sidecar["runs"]}  # and each row its own CPU
+    assert cpu_of[("cmrcnet-x", "patient")] == cpu_of[("knn-handcrafted", "patient")] == "cpu of the cpu part"
+    assert cpu_of[("bleep-y+bank", "patient")] == "cpu of the cuda part"
     with gzip.open(tmp_path / "old_runs.json.gz", "wt") as f:  # an older sidecar held the rows alone
         json.dump(cpu["runs"], f)
     (tmp_path / "old.json").write_text(json.dumps({"runs_file": "old_runs.json.gz"}))
     assert results.read_record(tmp_path / "old.json")["runs"] == cpu["runs"]
+
+
+def test_rows_of_a_merged_record_get_the_cpu_of_the_parts_that_ran_them() -> None:
+    intel = "Intel Xeon; avx2 avx512f amx_tile; torch 2.13.0+cpu capability AVX512; {} threads"
+    amd = "AMD EPYC; avx2; torch 2.13.0+cpu capability AVX2; 2 threads"
+    parts = [{"cpu": intel.format(1), "variants": ["cmrcnet-a"]}, {"cpu": intel.format(2), "variants": ["bleep-b"]}]
+    assert stats.row_cpu(parts, "cmrcnet-a+bank+stain+smooth") == intel.format(1)
+    # a baseline ran in every part: the CPU they share, without the threads
+    assert stats.row_cpu(parts, "knn-handcrafted") == "Intel Xeon; avx2 avx512f amx_tile; torch capability AVX512"
+    assert stats.row_cpu([*parts, {"cpu": amd, "variants": ["cmrcnet-c"]}], "mean") is None  # two CPUs: unknown
+    assert stats.row_cpu([{"cpu": None, "variants": []}], "mean") is None
 
 
 # ---------------------------------------------------------------------- k choice

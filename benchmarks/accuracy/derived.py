@@ -122,7 +122,7 @@ def stain_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], v
                make_row) -> list[dict]:
     """`<method>+stain` rows on every patient-level fold: test patches colour-normalised (slide-level Reinhard,
     cmrcnet.data.stain) to the fold's training patches before prediction; baselines likewise. Each also gets
-    `<method>+stain+smooth` (what `predict --stain-normalise` gives with its default smoothing)."""
+    `<method>+stain+smooth` (what `predict` gives by default: stain normalisation, then smoothing)."""
     from cmrcnet.data.stain import lab_stats
 
     from .main import baseline_predictions

@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out or HERE / "results" / ("her2st_accuracy_quick" if args.quick else "her2st_accuracy")
     if args.merge:
         records = [results.read_record(p) for p in args.merge]
+        for r in records:  # each row keeps the CPU it was measured on: the merged record mixes machines
+            parts = _parts(r)
+            r["runs"] = [row if "cpu" in row else {**row, "cpu": stats.row_cpu(parts, row["method"])}
+                         for row in r["runs"]]
         rec = {**records[-1], "runs": stats.merge_runs(records), "merged_from": [str(p) for p in args.merge],
                "parts": [part for r in records for part in _parts(r)],
                "seeds": sorted({s for r in records for s in r.get("seeds", [])}),

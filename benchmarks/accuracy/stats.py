@@ -175,6 +175,32 @@ def summarise(rows: Sequence[dict], *, n_boot: int = N_BOOT) -> dict:
     return out
 
 
+def _cpu_fields(line: str) -> tuple[str, str, str]:
+    """(model, flags, torch capability) of a `cmrcnet.runtime.cpu_line`: "MODEL; FLAGS; torch V capability C; N
+    threads"."""
+    model, flags, torch_part = line.split("; ")[:3]
+    return model, flags, torch_part.rpartition(" capability ")[2]
+
+
+def row_cpu(parts: Sequence[dict], method: str) -> str | None:
+    """The CPU a row of `method` was measured on, from the parts of its record (`parts`: command, cpu line,
+    variants): the cpu line of the parts that ran its variant (every part for a baseline) when they agree; else
+    the CPU model, flags and torch capability they share (when they differ only in torch build or threads); else
+    None."""
+    head, rest, _ = split_name(method)
+    candidates = [p for p in parts if f"{head}-{rest}" in (p.get("variants") or [])] or list(parts)
+    lines = {p.get("cpu") for p in candidates}
+    if len(lines) == 1:
+        return lines.pop()
+    if None in lines:
+        return None
+    shared = {_cpu_fields(line) for line in lines}
+    if len(shared) != 1:
+        return None
+    model, flags, capability = shared.pop()
+    return f"{model}; {flags}; torch capability {capability}"
+
+
 def merge_runs(records: Sequence[dict]) -> list[dict]:
     """The runs of several result records; a (protocol, test, method, seed) present in several counts once
     (the later record wins)."""
