@@ -20,36 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from cmrcnet.atomic import write_json
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import git_commit, machine_info
+from accuracy.runner import prepare
 
 HERE = Path(__file__).resolve().parent
 RESULT = HERE / "results" / "default_train_time.json"
 SAMPLES = ("C2", "C3", "C4", "C5", "C6", "B4")
 TARGET_S = 30 * 60
-
-
-def _prepare(her2st: Path, ds: Path) -> None:
-    for sample in SAMPLES:
-        if (ds / "metadata" / f"{sample}.json").exists():
-            continue
-        cmd = [
-            "cmrcnet",
-            "prepare",
-            "--quiet",
-            "--format",
-            "st",
-            "--input",
-            str(her2st),
-            "--sample-id",
-            sample,
-            "--patient",
-            sample[0],
-            "--out",
-            str(ds),
-        ]
-        print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="cmrcnet_default_train_"))
     ds = args.data or work / "ds"
     if args.data is None:
-        _prepare(args.her2st, ds)
+        prepare(args.her2st, ds, list(SAMPLES), work)  # the accuracy benchmark's (skips prepared samples)
     run_dir = work / "run"
     train = [
         "cmrcnet",
@@ -105,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "target_seconds": TARGET_S,
         "within_target": wall <= TARGET_S,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, result)
     print(
         f"default train on {result['n_train_spots']} + {result['n_val_spots']} spots: {wall / 60:.1f} min "
         f"({'within' if result['within_target'] else 'OVER'} the 30 min target); wrote {args.out}"

@@ -124,34 +124,13 @@ def test_two_torchrun_processes_give_the_same_predictions_as_one(
     retrieved neighbours) must be identical, not just close."""
     single, multi = tmp_path / "single", tmp_path / "multi"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    args = ["predict-slides", "--manifest", str(slides / "slides.csv"), "--model", str(run)]
-    alone = subprocess.run(
-        [sys.executable, "-m", "cmrcnet", *args, "--out", str(single), "--quiet", "--no-plots"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    args = ["predict-slides", "--manifest", str(slides / "slides.csv"), "--model", str(run), "--quiet", "--no-plots"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    alone = subprocess.run([sys.executable, "-m", "cmrcnet", *args, "--out", str(single)],
+                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert alone.returncode != 0  # the broken slides
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "cmrcnet",
-    ]
-    cmd += [
-        "predict-slides",
-        "--manifest",
-        str(slides / "slides.csv"),
-        "--model",
-        str(run),
-        "--out",
-        str(multi),
-    ]
-    done = subprocess.run(
-        [*cmd, "--quiet", "--no-plots"], env=env, capture_output=True, text=True, timeout=300
-    )
+    done = subprocess.run([*torchrun, "-m", "cmrcnet", *args, "--out", str(multi)],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode != 0  # each process had a failed slide: rows 2 and 3 fall into different shards
     assert _summary(multi) == _summary(single)
     one, two = _predictions(single), _predictions(multi)
