@@ -36,6 +36,7 @@ class Variant:
     only_seed: int | None = None
     note: str = ""
     train: tuple[tuple[str, float], ...] = ()  # TrainConfig fields set on top of the preset
+    model: tuple[tuple[str, int], ...] = ()  # ModelConfig fields set on top of the preset (encoder sizes)
 
 
 SCANNER_AUG = (("stain_jitter", 0.3), ("scale_jitter", 8.0))  # other stains; slides down to ~4 um/px
@@ -56,6 +57,13 @@ VARIANTS: dict[str, Variant] = {
                                       note="ablation of cmrcnet-cpu30-aug: stain jitter 0.3 only"),
     "cmrcnet-cpu30-scaleaug": Variant("cmrcnet", "none", False, False, 30, train=(("scale_jitter", 8.0),),
                                       note="ablation of cmrcnet-cpu30-aug: resolution jitter up to 8x only"),
+    "cmrcnet-mid30": Variant("cmrcnet", "none", False, False, 30, model=(("width", 384), ("heads", 6)),
+                             note="cmrcnet-cpu30 with a wider ViT (width 384, 6 heads, depth 4; 2.25x the FLOPs)"),
+    "cmrcnet-cpu30-trainstain": Variant("cmrcnet", "none", False, False, 30, train=(("stain_normalise", True),),
+                                        note="cmrcnet-cpu30 trained on stain-normalised sections "
+                                        "(`cmrcnet train --stain-normalise`)"),
+    "cmrcnet-cpu60": Variant("cmrcnet", "none", False, False, 60,
+                             note="cmrcnet-cpu30 trained for 60 epochs (its validation loss was still falling at 30)"),
     "cmrcnet-scratch-cpu12": Variant("cmrcnet", "none", False, False, 12,
                                      note="cpu ViT trained end to end for 12 epochs (NOT the paper's recipe)"),
     "cmrcnet-paper60": Variant("cmrcnet", "none", False, False, 60, preset="paper", only_fold="patient-test-B",

@@ -139,6 +139,7 @@ def run_config(variant: str, seed: int, quick: bool, encoder_dir: Path | None, c
         from cmrcnet.training.pretrain import configure_encoder
 
         configure_encoder(cfg, str(encoder_dir))
+    cfg.model.update(dict(v.model))
     cfg.model["freeze_encoder"] = v.frozen
     cfg.model["handcrafted_features"] = v.handcrafted
     cfg.train.feature_cache = str(cache)

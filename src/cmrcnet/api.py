@@ -258,7 +258,9 @@ def train(
     **overrides
         Single fields: ``epochs``, ``batch_size``, ``lr``, ``seed``, ``precision``, ``stain_jitter``
         (random optical-density scale/shift per channel), ``scale_jitter`` (patches shrunk by up to this factor
-        and resized back, as from coarser scanners) (training), ``method``,
+        and resized back, as from coarser scanners), ``stain_normalise`` (map each training sample's colours
+        onto the training samples' pooled statistics before training, as prediction maps a new slide's)
+        (training), ``method``,
         ``gene_mode`` ("strict"/"paper"), ``n_genes`` (highly variable genes), ``n_expressed_genes`` (highly
         expressed genes added, default 100), ``include_genes`` (list), ``tumour_markers`` (add the
         tumour marker panel the training samples measure; default True), ``encoder``,
@@ -298,7 +300,7 @@ def train(
     return model
 
 
-TRAIN_FIELDS = ("epochs", "batch_size", "lr", "seed", "precision", "stain_jitter", "scale_jitter")
+TRAIN_FIELDS = ("epochs", "batch_size", "lr", "seed", "precision", "stain_jitter", "scale_jitter", "stain_normalise")
 
 
 def apply_overrides(cfg: RunConfig, **overrides: Any) -> RunConfig:

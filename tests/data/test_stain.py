@@ -11,6 +11,7 @@ from cmrcnet.data.stain import (
     LabStats,
     lab_stats,
     load_stain_reference,
+    normalise_table,
     normalise_to,
     reinhard,
     save_stain_reference,
@@ -33,6 +34,26 @@ def test_a_slide_is_mapped_onto_the_target_statistics() -> None:
     got = lab_stats(out)
     np.testing.assert_allclose(got.mean, target.mean, atol=2.0)
     np.testing.assert_allclose(got.std, target.std, rtol=0.15, atol=1.5)
+
+
+def test_a_table_is_mapped_sample_by_sample() -> None:
+    """Each sample of a SpotTable gets its own source statistics: two sections with different stain balances
+    both land on the target, and their spots stay in place."""
+    import torch
+
+    from cmrcnet.data.spots import SpotTable
+
+    target = lab_stats(_patches((200, 120, 170), seed=0))
+    a, b = _patches((120, 150, 190), seed=1), _patches((230, 170, 200), seed=3)
+    images = torch.from_numpy(np.concatenate([a, b]))
+    table = SpotTable(images.clone(), torch.zeros(12, 0), ["A"] * 6 + ["B"] * 6, [f"s{i}" for i in range(12)],
+                      np.zeros((12, 2)))
+    normalise_table(table, target)
+    for rows, original in ((slice(0, 6), a), (slice(6, 12), b)):
+        part = table.images[rows].numpy()
+        np.testing.assert_allclose(lab_stats(part).mean, target.mean, atol=2.0)
+        np.testing.assert_array_equal(part, normalise_to(original, target))  # the sample's own statistics
+    assert lab_stats(a).mean[2] < lab_stats(b).mean[2] - 5  # the two really differed before
 
 
 def test_same_statistics_change_nothing_but_rounding() -> None:

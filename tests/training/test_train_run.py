@@ -267,3 +267,40 @@ def test_jitter_flags_reach_the_saved_config_and_change_training(
     assert main(bad) == 2  # out of range: a clear error, exit 2, nothing written
     assert "stain_jitter must be in [0, 1), got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_stain_normalise_trains_on_normalised_sections(
+    trained: tuple[Path, TrainResult], synthetic_ds: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--stain-normalise` is saved with the run; training and the confidence reference both see each training
+    sample mapped onto the run's stain reference, so the same seed trains other weights."""
+    import numpy as np
+
+    from cmrcnet.cli import main
+    from cmrcnet.data import stain
+    from cmrcnet.data.stain import lab_stats, load_stain_reference
+
+    calls: list[tuple[list[str], list[float]]] = []
+    real = stain.normalise_table
+
+    def spy(table, target):
+        real(table, target)
+        calls.append((sorted(set(table.sample_ids)), target.mean))
+        for sid in set(table.sample_ids):  # every sample now has the target's colours
+            rows = torch.from_numpy(np.flatnonzero(np.asarray(table.sample_ids) == sid))
+            np.testing.assert_allclose(lab_stats(table.images[rows].numpy()).mean, target.mean, atol=3.0)
+
+    monkeypatch.setattr(stain, "normalise_table", spy)
+    run_dir, _ = trained
+    out = tmp_path / "stain"
+    args = ["train", "--data", str(synthetic_ds), "--train-samples", ",".join(TRAIN_SAMPLES), "--out", str(out),
+            "--config", "tiny", "--epochs", str(EPOCHS), "--stain-normalise", "--quiet"]
+    assert main(args) == 0
+    assert load_run_config(out / CONFIG_FILE).train.stain_normalise
+    assert not load_run_config(run_dir / CONFIG_FILE).train.stain_normalise  # off unless asked (tiny preset)
+    reference = load_stain_reference(out / STAIN_REFERENCE_FILE)
+    assert [c[0] for c in calls] == [sorted(TRAIN_SAMPLES), sorted(TRAIN_SAMPLES)]  # training, then validation
+    assert all(c[1] == reference.mean for c in calls)
+    assert (out / CONFIDENCE_REFERENCE_FILE).is_file()
+    plain, normalised = load_checkpoint(run_dir / LAST_CKPT)["model"], load_checkpoint(out / LAST_CKPT)["model"]
+    assert any(v.is_floating_point() and not torch.equal(v, normalised[k]) for k, v in plain.items())

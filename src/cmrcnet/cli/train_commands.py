@@ -48,6 +48,11 @@ def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         help="augmentation for coarser scans: patches shrunk by a random factor up to F and resized back "
         "(1 turns it off; default: the preset's)",
     )
+    p.add_argument(
+        "--stain-normalise", action=argparse.BooleanOptionalAction, default=None,
+        help="map each training sample's colours onto the training samples' pooled colour statistics before "
+        "training (slide-level Reinhard), as prediction maps a new slide's (default: the preset's)",
+    )
     p.add_argument("--genes", choices=GENE_MODES, help="gene selection protocol (default strict)")
     p.add_argument("--n-genes", type=_positive_int, help="number of highly variable genes (strict mode)")
     p.add_argument("--n-expressed-genes", type=int, metavar="M",
@@ -107,6 +112,7 @@ def _run_train(args: argparse.Namespace) -> int:
         precision=args.precision,
         stain_jitter=args.stain_jitter,
         scale_jitter=args.scale_jitter,
+        stain_normalise=args.stain_normalise,
         method=args.method,
         gene_mode=args.genes,
         n_genes=args.n_genes,

@@ -100,6 +100,17 @@ def normalise_to(images: np.ndarray, target: LabStats) -> np.ndarray:
     return reinhard(images, lab_stats(images), target)
 
 
+def normalise_table(table, target: LabStats) -> None:
+    """Map each sample's patches of a SpotTable (in place) onto `target`, with the statistics of all of that
+    sample's patches in the table (slide-level Reinhard, `normalise_to`)."""
+    import torch
+
+    ids = np.asarray(table.sample_ids)
+    for sid in dict.fromkeys(table.sample_ids):
+        rows = torch.from_numpy(np.flatnonzero(ids == sid))
+        table.images[rows] = torch.from_numpy(normalise_to(table.images[rows].numpy(), target))
+
+
 def training_stain_reference(dataset, samples: list[str], *, max_pixels: int = MAX_PIXELS) -> LabStats:
     """LabStats of the tissue pixels of the prepared patches of `samples` (a run's training samples)."""
     patches = [dataset.read_patches(s).img for s in samples if dataset.has_image(s)]

@@ -93,6 +93,11 @@ def build_confidence_reference(
         dataset, samples, None, img_size=trained.model_config.img_size, target_sum=rcfg.genes.target_sum,
         progress=progress,
     )  # fmt: skip
+    if rcfg.train.stain_normalise:  # the model trained on normalised patches: its validation spots get the same
+        from cmrcnet.data.stain import normalise_table
+        from cmrcnet.inference.predict import run_stain_target
+
+        normalise_table(table, run_stain_target(trained))
     wanted = {f"{s}:{b}" for s in samples for b in spots[s]}
     keys = table.keys()
     rows = np.array([i for i, key in enumerate(keys) if key in wanted], dtype=np.int64)

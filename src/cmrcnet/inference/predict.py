@@ -18,7 +18,7 @@ from cmrcnet.constants import CMRCNET_UNS, DEFAULT_SMOOTH, DEFAULT_STAIN_NORMALI
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.hdf5 import write_h5ad
 from cmrcnet.data.spots import load_spot_table
-from cmrcnet.data.stain import LabStats, load_stain_reference, normalise_to
+from cmrcnet.data.stain import LabStats, load_stain_reference, normalise_table
 from cmrcnet.errors import ConfigError
 from cmrcnet.inference.bank import Bank, load_bank
 from cmrcnet.inference.confidence import (
@@ -257,15 +257,6 @@ def resolve_stain_target(trained: TrainedModel, stain_normalise: bool | None) ->
     return run_stain_target(trained)
 
 
-def _normalise_stain(table, target: LabStats) -> None:
-    """Map each sample's patches (in place) onto `target` with slide-level Reinhard statistics."""
-    ids = np.asarray(table.sample_ids)
-    for sid in dict.fromkeys(table.sample_ids):
-        rows = torch.from_numpy(np.flatnonzero(ids == sid))
-        table.images[rows] = torch.from_numpy(normalise_to(table.images[rows].numpy(), target))
-    logger.info("patches colour-normalised (Reinhard, slide level) to the given target")
-
-
 def predict_spots(
     trained: TrainedModel,
     bank: Bank | None,
@@ -318,7 +309,8 @@ def predict_spots(
         progress=progress,
     )
     if stain_target is not None:
-        _normalise_stain(table, stain_target)
+        normalise_table(table, stain_target)
+        logger.info("patches colour-normalised (Reinhard, slide level) to the stain target")
     regression = trained.model_config.method == "regression"
     emb = embed_patches(
         trained,

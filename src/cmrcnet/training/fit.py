@@ -114,6 +114,8 @@ def fit_run(
         target_sum=config.genes.target_sum,
         progress=progress and info.is_main,
     )
+    if config.train.stain_normalise:
+        _normalise_training_stain(dataset, train_samples, table)
     train_set, val_set = _split_validation(table, config)
     if info.is_main and ckpt is None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,6 +220,17 @@ def _choose_genes(
     else:
         gene_list = None
     return broadcast_object(gene_list, info)
+
+
+def _normalise_training_stain(dataset, train_samples: list[str], table: SpotTable) -> None:
+    """Map every training sample's patches onto the samples' pooled colour statistics (the run's stain
+    reference, `training_stain_reference`), so the model trains on colours as `predict` will give it."""
+    from cmrcnet.data.stain import normalise_table, training_stain_reference
+
+    target = training_stain_reference(dataset, list(dict.fromkeys(train_samples)))
+    normalise_table(table, target)
+    logger.info("training patches colour-normalised (Reinhard, slide level) to the training samples' pooled "
+                "statistics: L*a*b* mean %s", [round(v, 1) for v in target.mean])
 
 
 def _split_validation(table: SpotTable, config: RunConfig) -> tuple[SpotTable, SpotTable]:

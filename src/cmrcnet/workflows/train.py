@@ -75,6 +75,10 @@ def train_run(
     )
     info = dist_from_env()
     if info.is_main:
+        save_stain_reference(  # before the confidence reference, which reads it for stain-normalised runs
+            training_stain_reference(PreparedDataset(data_dir), list(dict.fromkeys(train_samples))),
+            run_dir / STAIN_REFERENCE_FILE,
+        )
         trained = load_trained_model(run_dir, device=resolve_device(device, info))
         if trained.model_config.method != "regression":
             samples = list(dict.fromkeys(train_samples))
@@ -82,10 +86,6 @@ def train_run(
             save_bank(bank, run_dir)
             logger.info("reference bank: %d spots of %s (%s)", len(bank), samples, bank.fingerprint)
             write_confidence_reference(trained, bank, data_dir, progress=progress)
-        save_stain_reference(
-            training_stain_reference(PreparedDataset(data_dir), list(dict.fromkeys(train_samples))),
-            run_dir / STAIN_REFERENCE_FILE,
-        )
         meta = json.loads((run_dir / RUN_FILE).read_text())
         meta["status"] = "complete"
         write_json(run_dir / RUN_FILE, meta)
