@@ -50,7 +50,8 @@ VARIANTS: dict[str, Variant] = {
     "bleep-rand+hc": Variant("bleep", "random", True, True, FROZEN_EPOCHS, lr=FROZEN_LR),
     "regression-rand+hc": Variant("regression", "random", True, True, FROZEN_EPOCHS, lr=FROZEN_LR),
     "cmrcnet-cpu30": Variant("cmrcnet", "none", False, False, 30,
-                             note="today's `cmrcnet train` default: cpu ViT end to end, 30 epochs, lr 1e-4"),
+                             note="the `cmrcnet train` default until 60 epochs replaced it: cpu ViT end to end, 30 epochs, "
+                             "lr 1e-4"),
     "cmrcnet-cpu30-aug": Variant("cmrcnet", "none", False, False, 30, train=SCANNER_AUG,
                                  note="cmrcnet-cpu30 with stain jitter 0.3 and resolution jitter up to 8x"),
     "cmrcnet-cpu30-stainaug": Variant("cmrcnet", "none", False, False, 30, train=(("stain_jitter", 0.3),),
@@ -63,7 +64,8 @@ VARIANTS: dict[str, Variant] = {
                                         note="cmrcnet-cpu30 trained on stain-normalised sections "
                                         "(`cmrcnet train --stain-normalise`)"),
     "cmrcnet-cpu60": Variant("cmrcnet", "none", False, False, 60,
-                             note="cmrcnet-cpu30 trained for 60 epochs (its validation loss was still falling at 30)"),
+                             note="today's `cmrcnet train` default: cmrcnet-cpu30 trained for 60 epochs (its validation "
+                             "loss was still falling at 30)"),
     "cmrcnet-scratch-cpu12": Variant("cmrcnet", "none", False, False, 12,
                                      note="cpu ViT trained end to end for 12 epochs (NOT the paper's recipe)"),
     "cmrcnet-paper60": Variant("cmrcnet", "none", False, False, 60, preset="paper", only_fold="patient-test-B",

@@ -11,7 +11,8 @@ from pathlib import Path
 from .report import _cell, _ci, peer
 from .results import read_record
 
-ROWS = ("cmrcnet-ssl+hc", "cmrcnet-rand+hc", "cmrcnet-cpu30", "cmrcnet-cpu30+stain", "cmrcnet-cpu30-aug",
+ROWS = ("cmrcnet-ssl+hc", "cmrcnet-rand+hc", "cmrcnet-cpu30", "cmrcnet-cpu30+stain", "cmrcnet-cpu30+stain+smooth",
+        "cmrcnet-mid30+stain+smooth", "cmrcnet-cpu60+stain+smooth", "cmrcnet-cpu30-trainstain+stain+smooth", "cmrcnet-cpu30-aug",
         "cmrcnet-cpu30-stainaug", "cmrcnet-cpu30-scaleaug", "cmrcnet-ssl+hc+bank", "cmrcnet-rand+hc+bank",
         "cmrcnet-cpu30+bank", "cmrcnet-paper60", "cmrcnet-paper60+bank", "cmrcnet-paper60-cpu", "cmrcnet-paper60-cpu+bank",
         "bleep-ssl+hc", "bleep-rand+hc", "bleep-ssl+hc+bank", "bleep-rand+hc+bank", "bleep-paper60", "bleep-paper60+bank",
