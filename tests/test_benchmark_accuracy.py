@@ -122,6 +122,7 @@ def test_a_merged_result_says_where_each_part_ran(tmp_path: Path) -> None:
                   device="cuda", gpu="NVIDIA H200", seeds=(1,))
     gpu["variants"] = {"bleep-y": {}}
     cpu["variants"] = {"cmrcnet-x": {}}
+    cpu["machine"] |= {"cpu_flags": {"avx2": True, "amx_tile": False}, "torch_cpu_capability": "AVX2"}
     results.write_record(tmp_path / "cpu", cpu)
     results.write_record(tmp_path / "gpu", gpu)
     assert bench_main.main(["--merge", str(tmp_path / "cpu.json"), str(tmp_path / "gpu.json"),
@@ -135,6 +136,8 @@ def test_a_merged_result_says_where_each_part_ran(tmp_path: Path) -> None:
     with gzip.open(tmp_path / "merged_runs.json.gz", "rt") as f:  # the sidecar says where its rows were measured
         sidecar = json.load(f)
     assert [p["cpu"] for p in sidecar["parts"]] == ["cpu of the cpu part", "cpu of the cuda part"]
+    assert sidecar["parts"][0]["cpu_flags"] == {"avx2": True, "amx_tile": False}  # as its machine recorded them
+    assert sidecar["parts"][0]["torch_cpu_capability"] == "AVX2" and "cpu_flags" not in sidecar["parts"][1]
     cpu_of = {(r["method"], r["protocol"]): r["cpu"] for r in sidecar["runs"]}  # and each row its own CPU
     assert cpu_of[("cmrcnet-x", "patient")] == cpu_of[("knn-handcrafted", "patient")] == "cpu of the cpu part"
     assert cpu_of[("bleep-y+bank", "patient")] == "cpu of the cuda part"
@@ -153,6 +156,18 @@ def test_rows_of_a_merged_record_get_the_cpu_of_the_parts_that_ran_them() -> Non
     assert stats.row_cpu(parts, "knn-handcrafted") == "Intel Xeon; avx2 avx512f amx_tile; torch capability AVX512"
     assert stats.row_cpu([*parts, {"cpu": amd, "variants": ["cmrcnet-c"]}], "mean") is None  # two CPUs: unknown
     assert stats.row_cpu([{"cpu": None, "variants": []}], "mean") is None
+
+
+def test_a_cpu_line_reads_back_into_flags_and_torch_capability() -> None:
+    from cmrcnet.runtime import cpu_line
+
+    desc = {"cpu": "AMD EPYC", "flags": {"avx2": True, "avx512f": True, "avx512_bf16": True, "amx_bf16": False,
+                                         "amx_tile": False}, "torch": "2.13.0+cpu", "torch_cpu_capability": "AVX512",
+            "threads": 2}
+    assert stats.cpu_record(cpu_line(desc)) == {"cpu_flags": desc["flags"], "torch_cpu_capability": "AVX512"}
+    none = {**desc, "flags": dict.fromkeys(desc["flags"], False), "torch_cpu_capability": "DEFAULT"}
+    assert stats.cpu_record(cpu_line(none)) == {"cpu_flags": none["flags"], "torch_cpu_capability": "DEFAULT"}
+    assert stats.cpu_record("cpu of the cpu part") == {} and stats.cpu_record(None) == {}
 
 
 # ---------------------------------------------------------------------- k choice

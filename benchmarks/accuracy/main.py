@@ -47,10 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _parts(rec: dict) -> list[dict]:
-    """Where each part of a merged record ran (machine, device, commit, wall time, methods)."""
+    """Where each part of a merged record ran (machine with its CPU flags and torch CPU capability, device,
+    commit, wall time, methods). Parts merged before the flags were kept get them from their cpu line."""
     if rec.get("parts"):
-        return rec["parts"]
-    return [{"command": rec["command"], "commit": rec.get("commit"), "cpu": rec["machine"].get("cpu_line"),
+        return [{**stats.cpu_record(p.get("cpu")), **p} for p in rec["parts"]]
+    machine = rec["machine"]
+    measured = {k: machine[k] for k in ("cpu_flags", "torch_cpu_capability") if k in machine}
+    return [{"command": rec["command"], "commit": rec.get("commit"), "cpu": machine.get("cpu_line"),
+             **(measured or stats.cpu_record(machine.get("cpu_line"))),
              "device": rec.get("device", "cpu"), "gpu": rec.get("gpu"),
              "wall_seconds": rec.get("wall_seconds_sum_of_parts", rec.get("wall_seconds")),
              "variants": sorted(rec.get("variants", {}))}]

@@ -182,6 +182,18 @@ def _cpu_fields(line: str) -> tuple[str, str, str]:
     return model, flags, torch_part.rpartition(" capability ")[2]
 
 
+def cpu_record(line: str | None) -> dict:
+    """{"cpu_flags": {flag: bool, ...}, "torch_cpu_capability": C} read back from a `cmrcnet.runtime.cpu_line`
+    (the flags it lists are `CPU_FLAGS_OF_INTEREST` that were on; "no avx2" when none was); {} for anything else."""
+    from cmrcnet.runtime import CPU_FLAGS_OF_INTEREST
+
+    if not line or line.count("; ") < 2 or " capability " not in line:
+        return {}
+    _, flags, capability = _cpu_fields(line)
+    on = set() if flags == "no avx2" else set(flags.split())
+    return {"cpu_flags": {f: f in on for f in CPU_FLAGS_OF_INTEREST}, "torch_cpu_capability": capability}
+
+
 def row_cpu(parts: Sequence[dict], method: str) -> str | None:
     """The CPU a row of `method` was measured on, from the parts of its record (`parts`: command, cpu line,
     variants): the cpu line of the parts that ran its variant (every part for a baseline) when they agree; else
