@@ -64,8 +64,8 @@ VARIANTS: dict[str, Variant] = {
                                         note="cmrcnet-cpu30 trained on stain-normalised sections "
                                         "(`cmrcnet train --stain-normalise`)"),
     "cmrcnet-cpu60": Variant("cmrcnet", "none", False, False, 60,
-                             note="today's `cmrcnet train` default: cmrcnet-cpu30 trained for 60 epochs (its validation "
-                             "loss was still falling at 30)"),
+                             note="today's `cmrcnet train` default: cmrcnet-cpu30 trained for 60 epochs (the 30-epoch "
+                             "runs reached their lowest validation loss at epoch 29-30)"),
     "cmrcnet-scratch-cpu12": Variant("cmrcnet", "none", False, False, 12,
                                      note="cpu ViT trained end to end for 12 epochs (NOT the paper's recipe)"),
     "cmrcnet-paper60": Variant("cmrcnet", "none", False, False, 60, preset="paper", only_fold="patient-test-B",

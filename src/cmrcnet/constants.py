@@ -38,8 +38,9 @@ DEFAULT_SMOOTH = 0.5
 # Slide-level stain normalisation (cmrcnet.data.stain: Reinhard onto the run's training patches' colours) before
 # prediction, the default of predict, predict-slide(s) and cv where the run holds its stain reference
 # (stain_reference.json; runs made before it existed predict without, with a log line). For the default
-# `cmrcnet train` model on held-out her2st patients (benchmarks/results/her2st_accuracy.md, rows
-# cmrcnet-cpu30+smooth -> cmrcnet-cpu30+stain+smooth, 3 seeds) it raised HEG-50 PCC on the six held-out sections
-# from 0.004 to 0.018 (B4 0.053 -> 0.131) and on the B4 copy degraded to another scanner from 0.049 to 0.071
-# (markers 0.171 -> 0.234). It hurts kNN on handcrafted colour features; --no-stain-normalise turns it off.
+# `cmrcnet train` model (60 epochs) on held-out her2st patients (benchmarks/results/her2st_accuracy.md, rows
+# cmrcnet-cpu60+smooth -> cmrcnet-cpu60+stain+smooth, 3 seeds) it raised HEG-50 PCC on B4, whose stain differs
+# from the training patient's, from 0.072 to 0.159 and on the B4 copy degraded to another scanner from 0.063 to
+# 0.115, but lowered C2-C6 predicted from B4 (0.022 -> -0.011), so over the six sections 0.030 -> 0.017. It
+# hurts kNN on handcrafted colour features; --no-stain-normalise turns it off for slides stained like training.
 DEFAULT_STAIN_NORMALISE = True
