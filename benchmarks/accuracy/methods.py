@@ -66,6 +66,9 @@ VARIANTS: dict[str, Variant] = {
     "cmrcnet-cpu60": Variant("cmrcnet", "none", False, False, 60,
                              note="today's `cmrcnet train` default: cmrcnet-cpu30 trained for 60 epochs (the 30-epoch "
                              "runs reached their lowest validation loss at epoch 29-30)"),
+    "bleep-cpu60": Variant("bleep", "none", False, False, 60,
+                           note="the default recipe (cmrcnet-cpu60) with BLEEP's objective: contrastive loss only, "
+                           "no cross-modal reconstruction; same encoder, epochs and learning rate"),
     "cmrcnet-scratch-cpu12": Variant("cmrcnet", "none", False, False, 12,
                                      note="cpu ViT trained end to end for 12 epochs (NOT the paper's recipe)"),
     "cmrcnet-paper60": Variant("cmrcnet", "none", False, False, 60, preset="paper", only_fold="patient-test-B",
@@ -76,7 +79,8 @@ VARIANTS: dict[str, Variant] = {
 DEFAULT_VARIANTS = ("cmrcnet-ssl+hc", "bleep-ssl+hc", "regression-ssl+hc", "cmrcnet-rand+hc", "bleep-rand+hc",
                     "cmrcnet-paper60", "bleep-paper60")
 # frozen feature sets that get a kNN and a ridge baseline: the encoder of these variants + handcrafted features
-FEATURE_SETS = {"ssl+hc": "cmrcnet-ssl+hc", "rand+hc": "cmrcnet-rand+hc"}
+# (for the end-to-end default, cmrcnet-cpu60: its trained encoder's pooled tokens, from the seed the baselines use)
+FEATURE_SETS = {"ssl+hc": "cmrcnet-ssl+hc", "rand+hc": "cmrcnet-rand+hc", "cpu60": "cmrcnet-cpu60"}
 
 
 @torch.no_grad()
