@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from cmrcnet.data.spots import SpotTable
 
-from accuracy import kchoice, methods, plan, report, stats
+from accuracy import methods, plan, report, stats
 
 
 def _row(test: str, method: str, seed, heg: float, genes=None, pcc=None, protocol: str = "patient") -> dict:
@@ -168,32 +168,6 @@ def test_a_cpu_line_reads_back_into_flags_and_torch_capability() -> None:
     none = {**desc, "flags": dict.fromkeys(desc["flags"], False), "torch_cpu_capability": "DEFAULT"}
     assert stats.cpu_record(cpu_line(none)) == {"cpu_flags": none["flags"], "torch_cpu_capability": "DEFAULT"}
     assert stats.cpu_record("cpu of the cpu part") == {} and stats.cpu_record(None) == {}
-
-
-# ---------------------------------------------------------------------- k choice
-def test_k_choice_prefers_few_neighbours_when_neighbours_are_exact() -> None:
-    rng = np.random.default_rng(1)
-    feats = rng.normal(size=(300, 4))
-    expr = np.concatenate([feats, feats ** 2], axis=1)  # expression is a function of the features
-    groups = np.repeat(["s1", "s2", "s3"], 100)
-    k, scores = kchoice.choose_k(kchoice.euclidean_similarity(feats), expr, groups, heg=np.arange(8))
-    assert k <= 10 and scores[k] > scores[50] > scores[200]
-    assert max(scores) == 200  # 400 and above clamped to the largest bank (two groups of 100)
-
-
-def test_k_choice_ties_go_to_the_smaller_k() -> None:
-    expr = np.random.default_rng(0).normal(size=(60, 3))
-    sim = lambda q, b: np.zeros((len(q), len(b)))  # noqa: E731  every bank spot equally close
-    k, _ = kchoice.choose_k(sim, expr, np.repeat(["a", "b"], 30), grid=(10, 20), heg=np.arange(3))
-    assert k == 10
-
-
-def test_a_single_training_section_is_validated_on_spatial_halves() -> None:
-    coords = np.array([[0, 0], [1, 0], [2, 0], [3, 0]], dtype=float)
-    groups, how = kchoice.validation_groups(np.array(["B4"] * 4), coords)
-    assert "halves" in how and list(groups) == ["left", "left", "right", "right"]
-    groups, how = kchoice.validation_groups(np.array(["C2", "C3", "C2", "C3"]), coords)
-    assert how == "leave-one-training-section-out" and list(groups) == ["C2", "C3", "C2", "C3"]
 
 
 def _table(n: int, seed: int, sections: list[str]) -> SpotTable:

@@ -13,15 +13,15 @@ import numpy as np
 import torch
 
 from cmrcnet.data.hdf5 import write_h5ad
-from cmrcnet.data.spots import load_spot_table, resize_uint8
+from cmrcnet.data.spots import load_spot_table
 from cmrcnet.inference.bank import build_bank, load_bank, merge_banks
-from cmrcnet.inference.predict import embed_patches, predict_spots
+from cmrcnet.inference.kchoice import K_GRID, choose_run_k
+from cmrcnet.inference.predict import predict_spots
 from cmrcnet.run.load import load_trained_model
 
 from . import derived, results, runner, stats
 from . import methods as M
 from . import plan as P
-from .kchoice import K_GRID
 from _machine import git_commit, machine_info
 
 HERE = Path(__file__).resolve().parent.parent
@@ -172,7 +172,6 @@ def run_fold(fold: dict, seed: int, variants: list[str], args, work: Path, ds: P
         if train is None:
             train = load_spot_table(runner.PreparedDataset(ds), fold["train"], list(trained.genes), img_size=224,
                                     target_sum=trained.run_config.genes.target_sum, progress=False)
-        table = train if trained.model_config.img_size == 224 else _resized(train, trained.model_config.img_size)
         banks = {"": None}
         if v.method != "regression":
             bank = load_bank(rdir, trained)
@@ -181,11 +180,11 @@ def run_fold(fold: dict, seed: int, variants: list[str], args, work: Path, ds: P
                 extra = build_bank(trained, runner.PreparedDataset(ds), fold["extra_bank"],
                                    allow_missing_genes=True, progress=False)
                 banks["+bank"] = (merge_banks(bank, extra), extra)
-        img = None if v.method == "regression" else embed_patches(trained, table.images).numpy()
         for suffix, pair in banks.items():
             k, scores, how = (None, {}, "")
             if pair is not None:
-                k, scores, how = runner.retrieval_k(trained, table, bank, pair[1], img)
+                choice = choose_run_k(trained, pair[0], runner.PreparedDataset(ds))  # as `cmrcnet train` does
+                k, scores, how = choice.k, choice.scores, choice.how
             for test in fold["tests"]:
                 pred = predict_spots(trained, None if pair is None else pair[0], ds, [test], None, k=k, smooth=0.0,
                                      progress=False)
@@ -200,13 +199,6 @@ def run_fold(fold: dict, seed: int, variants: list[str], args, work: Path, ds: P
     if baselines and refs:
         rows += baseline_rows(fold, train, refs, variants, seed, fold_dir, ds)
     return rows
-
-
-def _resized(table, size: int):
-    from cmrcnet.data.spots import SpotTable
-
-    return SpotTable(resize_uint8(table.images.numpy(), size), table.expr, table.sample_ids, table.barcodes,
-                     table.coords)
 
 
 def baseline_predictions(fold: dict, train, refs: dict, variants: list[str], seed: int, fold_dir: Path,

@@ -12,10 +12,9 @@ import numpy as np
 import torch
 
 from cmrcnet.data.spots import SpotTable, resize_uint8
+from cmrcnet.inference.kchoice import choose_k, euclidean_similarity, validation_groups
 from cmrcnet.models.handcrafted import patch_features
 from cmrcnet.models.preprocess import images_to_float
-
-from .kchoice import choose_k, euclidean_similarity, validation_groups
 
 MARKERS = ["ERBB2", "ESR1", "PGR", "KRT19", "GRB7"]
 FROZEN_EPOCHS = 20

@@ -15,16 +15,11 @@ import torch
 
 from cmrcnet.atomic import write_json
 from cmrcnet.data.dataset import PreparedDataset
-from cmrcnet.data.spots import SpotTable
 from cmrcnet.evaluation.evaluate import evaluate_predictions
-from cmrcnet.inference.bank import Bank
-from cmrcnet.inference.predict import embed_patches
 from cmrcnet.run.config import load_run_config
-from cmrcnet.run.load import TrainedModel
 from cmrcnet.workflows.train import train_run
 
 from . import methods as M
-from .kchoice import choose_k, cosine_similarity, validation_groups
 from .plan import DEGRADED
 
 
@@ -158,26 +153,6 @@ def trained_run(rdir: Path, variant: str, seed: int, fold: dict, ds: Path, enc: 
                   config=run_config(variant, seed, quick, enc, cache), progress=False, device=device,
                   command=f"her2st_accuracy {variant} seed {seed}")
     return sum(float(line.split(",")[2]) for line in (rdir / "metrics.csv").read_text().splitlines()[1:])
-
-
-# ---------------------------------------------------------------------- retrieval with k chosen on training
-def _embeddings_by_key(bank: Bank) -> dict[str, np.ndarray]:
-    return dict(zip(bank.keys, bank.embeddings.numpy(), strict=True))
-
-
-def retrieval_k(trained: TrainedModel, train: SpotTable, bank: Bank, extra: Bank | None,
-                img: np.ndarray | None = None) -> tuple[int, dict, str]:
-    """k by leave-one-training-section-out over the training spots (extra bank spots always retrievable);
-    `img`: the training spots' image embeddings when already computed."""
-    img = embed_patches(trained, train.images, precision="auto").numpy() if img is None else img
-    by_key = _embeddings_by_key(bank)
-    expr_emb = np.stack([by_key[k] for k in train.keys()])  # training spots, in table order
-    n_extra = 0 if extra is None else len(extra)
-    bank_emb = expr_emb if extra is None else np.concatenate([expr_emb, extra.embeddings.numpy()])
-    groups, how = validation_groups(np.array(train.sample_ids), train.coords)
-    k, scores = choose_k(cosine_similarity(img, bank_emb), train.expr.numpy().astype(np.float64), groups,
-                         n_extra=n_extra, extra_expr=None if extra is None else extra.expression.numpy())
-    return k, scores, how
 
 
 # ---------------------------------------------------------------------- evaluation rows

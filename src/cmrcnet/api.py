@@ -178,7 +178,8 @@ class Model:
         out
             Also write the prediction to this .h5ad (atomically); None keeps it in memory only.
         k, weighting
-            Neighbours averaged and "mean" or "similarity" weighting (default: the run's, k = 50, mean).
+            Neighbours averaged and "mean" or "similarity" weighting (default: the run's: k chosen when its
+            bank was built (`cmrcnet.inference.kchoice`), mean).
         backend
             "exact" or "faiss" (``pip install "cmrcnet[faiss]"``).
         precision
@@ -225,6 +226,26 @@ class Model:
     def predict_slide(self, slide: str | Path, out: str | Path, **options: Any) -> ad.AnnData:
         """Predict every tissue tile of an H&E slide; see `predict_slide` (the module function) for `options`."""
         return predict_slide(self.run_dir, slide, out, **options)
+
+    def add_to_bank(
+        self,
+        data: str | Path,
+        samples: Sequence[str],
+        *,
+        replace: bool = False,
+        allow_missing_genes: bool = False,
+        progress: bool = True,
+    ) -> int | None:
+        """Add measured `samples` (with or without an image, e.g. other patients' expression-only sections) to the
+        run's reference bank on disk and to this Model, like ``cmrcnet bank add`` (``replace=True``: ``bank build``,
+        the bank holds `samples` only). A run whose retrieval k is "auto" (the default) chooses k again for the new
+        bank; returns the k predictions now use (None for the regression method or when k could not be chosen)."""
+        from cmrcnet.workflows.bank import update_bank
+
+        done = update_bank(self.trained, data, samples, action="build" if replace else "add",
+                           allow_missing_genes=allow_missing_genes, progress=progress)  # fmt: skip
+        self.bank = done.bank
+        return done.k
 
 
 def train(

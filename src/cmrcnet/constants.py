@@ -44,3 +44,6 @@ DEFAULT_SMOOTH = 0.5
 # 0.115, but lowered C2-C6 predicted from B4 (0.022 -> -0.011), so over the six sections 0.030 -> 0.017. It
 # hurts kNN on handcrafted colour features; --no-stain-normalise turns it off for slides stained like training.
 DEFAULT_STAIN_NORMALISE = True
+
+# `cmrcnet bank build|add` (cmrcnet.workflows.bank): start the bank from the given samples, or add them to it
+BANK_ACTIONS = ("build", "add")

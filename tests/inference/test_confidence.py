@@ -28,6 +28,7 @@ from cmrcnet.inference.confidence import (
     spot_errors,
 )
 from cmrcnet.inference.confidence_reference import build_confidence_reference, validation_spots
+from cmrcnet.inference.kchoice import resolve_k
 from cmrcnet.inference.predict import (
     BankRetriever,
     embed_patches,
@@ -139,7 +140,7 @@ def test_spot_predictions_carry_confidence_and_are_unchanged(run: Path, tmp_path
         progress=False,
     )  # fmt: skip
     emb = embed_patches(trained, table.images)
-    k, weighting = trained.run_config.retrieval.k, trained.run_config.retrieval.weighting
+    k, weighting = resolve_k(trained, bank), trained.run_config.retrieval.weighting  # the run's chosen k
     plain = predict_from_embeddings(emb, ["synS1"] * len(emb), bank, k=k, weighting=weighting)
     np.testing.assert_array_equal(np.asarray(pred.X), plain)
     retriever = BankRetriever(bank, k=k, weighting=weighting, exclude_sample="synS1")

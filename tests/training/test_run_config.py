@@ -127,7 +127,7 @@ def test_wrong_types_are_refused(tmp_path: Path, text: str, match: str) -> None:
         ("model:\n  img_size: 30\n", r"img_size 30 is not divisible by patch_size 8"),
         ("method: clip\n", r"unknown method 'clip'"),
         ("encoder: huge\n", r"unknown encoder preset 'huge'"),
-        ("retrieval:\n  k: 0\n", r"retrieval k must be >= 1"),
+        ("retrieval:\n  k: 0\n", r"retrieval k must be .auto. or an integer >= 1"),
         ("genes:\n  mode: loose\n", r"gene selection mode must be 'strict' or 'paper'"),
     ],
 )

@@ -22,6 +22,7 @@ from cmrcnet.run.layout import (
     CONFIG_FILE,
     CURVE_FILE,
     GENES_FILE,
+    K_CHOICE_FILE,
     LAST_CKPT,
     METRICS_FILE,
     MODEL_FILE,
@@ -56,6 +57,7 @@ RUN_FILES = {
     BANK_FILE,
     CONFIDENCE_REFERENCE_FILE,  # retrieval similarity of the validation spots, written with the bank
     STAIN_REFERENCE_FILE,  # colour statistics of the training patches (predict --stain-normalise)
+    K_CHOICE_FILE,  # the retrieval k chosen for the bank (retrieval.k: auto)
 }
 
 
@@ -272,8 +274,9 @@ def test_jitter_flags_reach_the_saved_config_and_change_training(
 def test_stain_normalise_trains_on_normalised_sections(
     trained: tuple[Path, TrainResult], synthetic_ds: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`--stain-normalise` is saved with the run; training and the confidence reference both see each training
-    sample mapped onto the run's stain reference, so the same seed trains other weights."""
+    """`--stain-normalise` is saved with the run; training, the choice of the retrieval k and the confidence
+    reference all see each training sample mapped onto the run's stain reference, so the same seed trains other
+    weights."""
     import numpy as np
 
     from cmrcnet.cli import main
@@ -299,7 +302,8 @@ def test_stain_normalise_trains_on_normalised_sections(
     assert load_run_config(out / CONFIG_FILE).train.stain_normalise
     assert not load_run_config(run_dir / CONFIG_FILE).train.stain_normalise  # off unless asked (tiny preset)
     reference = load_stain_reference(out / STAIN_REFERENCE_FILE)
-    assert [c[0] for c in calls] == [sorted(TRAIN_SAMPLES), sorted(TRAIN_SAMPLES)]  # training, then validation
+    # training, then the retrieval k's choice on the training spots, then the validation spots' reference
+    assert [c[0] for c in calls] == [sorted(TRAIN_SAMPLES)] * 3
     assert all(c[1] == reference.mean for c in calls)
     assert (out / CONFIDENCE_REFERENCE_FILE).is_file()
     plain, normalised = load_checkpoint(run_dir / LAST_CKPT)["model"], load_checkpoint(out / LAST_CKPT)["model"]

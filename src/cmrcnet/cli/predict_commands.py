@@ -14,10 +14,9 @@ from cmrcnet.cli._common import (
     _id_list,
     _positive_int,
 )
+from cmrcnet.constants import BANK_ACTIONS
 from cmrcnet.errors import ConfigError
 from cmrcnet.runtime import PRECISION_CHOICES
-
-BANK_ACTIONS = ("build", "add")
 
 
 def _add_model_and_samples(p: argparse.ArgumentParser) -> None:
@@ -43,7 +42,8 @@ def _add_bank(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
         help="build or extend a run's reference bank of measured spots",
         description="The reference bank holds expression embeddings of measured spots; prediction retrieves "
         "the most similar ones. `build` replaces it with the given samples, `add` adds samples (replacing "
-        "earlier versions of the same samples). Samples without an image (expression only) are welcome.",
+        "earlier versions of the same samples). Samples without an image (expression only) are welcome. "
+        "A run whose retrieval k is 'auto' (the default) chooses k again for the new bank.",
     )
     p.add_argument("action", choices=BANK_ACTIONS, help="build: start from scratch; add: extend")
     _add_model_and_samples(p)
@@ -52,21 +52,19 @@ def _add_bank(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
 
 
 def _run_bank(args: argparse.Namespace) -> int:
-    from cmrcnet.data.dataset import PreparedDataset
-    from cmrcnet.inference.bank import build_bank, load_bank, merge_banks, save_bank
     from cmrcnet.run.load import load_trained_model
+    from cmrcnet.workflows.bank import update_bank
 
-    trained = load_trained_model(args.model)
-    new = build_bank(
-        trained,
-        PreparedDataset(args.data),
+    done = update_bank(
+        load_trained_model(args.model),
+        args.data,
         args.samples,
+        action=args.action,
         allow_missing_genes=args.allow_missing_genes,
         progress=not args.quiet,
     )
-    bank = merge_banks(load_bank(args.model, trained), new) if args.action == "add" else new
-    path = save_bank(bank, args.model)
-    print(f"reference bank {path}: {len(bank)} spots from samples {bank.samples}")
+    print(f"reference bank {done.path}: {len(done.bank)} spots from samples {done.bank.samples}")
+    print(f"retrieval k: {done.k if done.k is not None else 'unchanged'} ({done.k_note})")
     return 0
 
 
@@ -85,7 +83,7 @@ def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
     _add_model_and_samples(p)
     p.add_argument("--out", type=Path, required=True, help="output .h5ad (spots x genes)")
-    p.add_argument("--k", type=_positive_int, help="neighbours to average (default from the run: 50)")
+    p.add_argument("--k", type=_positive_int, help="neighbours to average (default: the run's, chosen when its bank was built; retrieval_k.json)")
     p.add_argument("--weighting", choices=WEIGHTINGS, help="plain (paper) or similarity-weighted")
     p.add_argument("--backend", choices=BACKENDS, default="exact", help="search backend")
     p.add_argument("--checkpoint", choices=CHECKPOINTS, help="default: the run's `select` setting")

@@ -45,7 +45,7 @@ def _add_slide_options(p: argparse.ArgumentParser, *, pixel_size_help: str) -> N
     p.add_argument(
         "--min-tissue", type=float, default=0.5, help="fraction of a tile that must be tissue (default 0.5)"
     )
-    p.add_argument("--k", type=_positive_int, help="neighbours to average (default from the run)")
+    p.add_argument("--k", type=_positive_int, help="neighbours to average (default: the run's, chosen when its bank was built; retrieval_k.json)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="tiles per forward pass (default 64)")
     _add_stain(p)
     _add_smooth(p, "tile")

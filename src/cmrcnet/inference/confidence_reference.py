@@ -31,6 +31,7 @@ from cmrcnet.inference.confidence import (
     save_confidence_reference,
     summarise_similarity,
 )
+from cmrcnet.inference.kchoice import resolve_k
 from cmrcnet.inference.predict import BankRetriever, embed_patches
 from cmrcnet.run.layout import SPOTS_FILE
 from cmrcnet.run.load import TrainedModel
@@ -83,7 +84,7 @@ def build_confidence_reference(
         None (logged) when there is no validation spot with an image, or nothing left to retrieve from.
     """
     rcfg = trained.run_config
-    k = rcfg.retrieval.k if k is None else int(k)
+    k = resolve_k(trained, bank, k)
     weighting = rcfg.retrieval.weighting if weighting is None else weighting
     samples = [s for s in spots if dataset.has_image(s)]
     if not samples:

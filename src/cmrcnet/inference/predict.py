@@ -30,6 +30,7 @@ from cmrcnet.inference.confidence import (
     neighbour_confidence,
 )
 from cmrcnet.inference.export import SPATIAL_UNS, SPOT_DIAMETER_UM, spatial_library
+from cmrcnet.inference.kchoice import resolve_k
 from cmrcnet.inference.retrieval import WEIGHTINGS, aggregate, clamp_k, make_index
 from cmrcnet.inference.smoothing import check_weight, smooth_neighbours
 from cmrcnet.models.preprocess import images_to_float
@@ -298,7 +299,8 @@ def predict_spots(
     if in_training:
         logger.warning("samples %s were used for training: their predictions are not a test", in_training)
     rcfg = trained.run_config
-    k = rcfg.retrieval.k if k is None else k
+    regression = trained.model_config.method == "regression"
+    k = None if regression else resolve_k(trained, bank, k)
     weighting = rcfg.retrieval.weighting if weighting is None else weighting
     table = load_spot_table(
         dataset,
@@ -311,7 +313,6 @@ def predict_spots(
     if stain_target is not None:
         normalise_table(table, stain_target)
         logger.info("patches colour-normalised (Reinhard, slide level) to the stain target")
-    regression = trained.model_config.method == "regression"
     emb = embed_patches(
         trained,
         table.images,

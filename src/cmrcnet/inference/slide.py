@@ -51,6 +51,7 @@ from cmrcnet.inference.confidence import (
     slide_confidence_summary,
 )
 from cmrcnet.inference.export import SPATIAL_UNS, spatial_library
+from cmrcnet.inference.kchoice import resolve_k
 from cmrcnet.inference.predict import STAIN_NOTE, prediction_provenance, resolve_stain_target
 from cmrcnet.inference.slide_outputs import (
     CONFIDENCE_MAP_FILE,
@@ -191,13 +192,14 @@ def predict_slide(
     model_genes = list(trained.genes)
     map_genes, score_markers = _genes_to_show(model_genes, genes, markers, threshold)
     rcfg = trained.run_config
-    k = rcfg.retrieval.k if k is None else int(k)
     weighting = rcfg.retrieval.weighting if weighting is None else weighting
 
     with open_slide(slide, reader=reader) as slide_reader:
         sample_id = sample_id or slide_id(slide_reader.path)
         regression = trained.model_config.method == "regression"
-        bank = None if regression else load_bank(run_dir, trained).without_sample(sample_id)
+        bank = None if regression else load_bank(run_dir, trained)
+        k = None if bank is None else resolve_k(trained, bank, k)
+        bank = None if bank is None else bank.without_sample(sample_id)
         layout = lay_tiles(
             slide_reader, trained, pixel_size_um, fov_um, step_um, min_tissue=min_tissue, tissue=tissue
         )

@@ -80,11 +80,14 @@ class TrainConfig:
 class RetrievalConfig:
     """Prediction by retrieval (METHOD.md step 8)."""
 
-    k: int = 50  # neighbours averaged per query
+    # neighbours averaged per query: a number, or "auto" (default): chosen from 5-1600 by leave-one-training-
+    # section-out whenever the bank is built or extended (cmrcnet.inference.kchoice; RUN_DIR/retrieval_k.json)
+    k: int | str = "auto"
     weighting: str = "mean"  # "mean" (the paper) or "similarity" (similarity-weighted average)
 
     def validate(self) -> None:
-        _require(self.k >= 1, f"retrieval k must be >= 1, got {self.k}")
+        ok = self.k == "auto" or (isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 1)
+        _require(ok, f"retrieval k must be 'auto' or an integer >= 1, got {self.k!r}")
         _require(self.weighting in ("mean", "similarity"), f"unknown weighting {self.weighting!r}")
 
 

@@ -22,6 +22,7 @@ CHECKPOINTS = (BEST_CKPT, LAST_CKPT)  # the checkpoints a run can predict with
 BANK_FILE = "bank.pt"  # reference bank for retrieval
 STAIN_REFERENCE_FILE = "stain_reference.json"  # colour statistics of the training patches (data.stain)
 CONFIDENCE_REFERENCE_FILE = "confidence_reference.json"  # retrieval similarity of the validation spots
+K_CHOICE_FILE = "retrieval_k.json"  # the retrieval k chosen for the current bank (inference.kchoice)
 
 
 def one_run_dir(run_dir: str | Path | None, old: str | Path | None, *, old_name: str, func: str) -> Path:

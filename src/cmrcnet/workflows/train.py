@@ -12,6 +12,7 @@ from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.stain import save_stain_reference, training_stain_reference
 from cmrcnet.inference.bank import build_bank, save_bank
 from cmrcnet.inference.confidence_reference import write_confidence_reference
+from cmrcnet.inference.kchoice import update_run_k
 from cmrcnet.run.config import RunConfig
 from cmrcnet.run.layout import RUN_FILE, STAIN_REFERENCE_FILE, one_run_dir
 from cmrcnet.run.load import load_trained_model
@@ -35,7 +36,9 @@ def train_run(
 ) -> TrainResult:
     """Fit a model, then embed the training samples' expression into its reference bank.
 
-    With the bank, the retrieval similarity of the run's validation spots is measured and written to
+    With the bank, the retrieval k is chosen when the config says ``retrieval.k: auto`` (the default;
+    `cmrcnet.inference.kchoice`, RUN_DIR/retrieval_k.json), then the retrieval similarity of the run's validation
+    spots is measured and written to
     confidence_reference.json (`cmrcnet.inference.confidence_reference`). Under torchrun the first process builds the bank; all wait for it. The bank is not built for the regression
     method. run.json ends with status "complete".
 
@@ -85,6 +88,7 @@ def train_run(
             bank = build_bank(trained, PreparedDataset(data_dir), samples, progress=progress)
             save_bank(bank, run_dir)
             logger.info("reference bank: %d spots of %s (%s)", len(bank), samples, bank.fingerprint)
+            update_run_k(trained, bank, PreparedDataset(data_dir), progress=progress)  # before the reference
             write_confidence_reference(trained, bank, data_dir, progress=progress)
         meta = json.loads((run_dir / RUN_FILE).read_text())
         meta["status"] = "complete"
