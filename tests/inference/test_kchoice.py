@@ -206,3 +206,26 @@ def test_model_add_to_bank_extends_the_bank_and_chooses_k_again(trained: tuple[P
     assert model.predict(ds, ["synS3"], progress=False).uns["cmrcnet"]["k"] == k
     assert model.add_to_bank(ds, ["synS1", "synS2"], replace=True, progress=False) == first["k"]
     assert model.bank.samples == ["synS1", "synS2"] and _choice(run) == first
+
+
+def test_when_k_cannot_be_chosen_training_falls_back_to_50_and_says_why(
+    trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, run = trained
+    tm = load_trained_model(run)
+    bank = load_bank(run, tm)
+    tm.run_dir = tmp_path
+
+    def refuse(*args, **kwargs):
+        raise ConfigError("too few training spots in the bank (4) to choose k")
+
+    monkeypatch.setattr(kchoice, "choose_run_k", refuse)
+    with pytest.raises(ConfigError, match="too few"):  # bank add keeps the last choice instead
+        kchoice.update_run_k(tm, bank, None)
+    assert not (tmp_path / K_CHOICE_FILE).exists()
+    with caplog.at_level(logging.WARNING, logger="cmrcnet.inference.kchoice"):
+        assert kchoice.update_run_k(tm, bank, None, fallback=True) == 50  # what train does
+    assert "too few training spots" in caplog.text
+    written = _choice(tmp_path)
+    assert written["k"] == 50 and written["how"].startswith("not chosen (") and written["scores"] == {}
+    assert kchoice.resolve_k(tm, bank) == 50

@@ -185,8 +185,11 @@ def choose_run_k(trained: TrainedModel, bank: Bank, dataset: PreparedDataset, *,
     emb = bank.embeddings.numpy()
     expr = bank.expression.numpy().astype(np.float64)
     groups, how = validation_groups(np.asarray(table.sample_ids)[mine], np.asarray(table.coords)[mine])
-    k, scores = choose_k(cosine_similarity(img, np.concatenate([emb[query_rows], emb[extra_rows]])),
-                         expr[query_rows], groups, n_extra=len(extra_rows), extra_expr=expr[extra_rows])
+    try:
+        k, scores = choose_k(cosine_similarity(img, np.concatenate([emb[query_rows], emb[extra_rows]])),
+                             expr[query_rows], groups, n_extra=len(extra_rows), extra_expr=expr[extra_rows])
+    except ValueError as exc:  # no validation group large enough
+        raise ConfigError(f"{trained.run_dir}: cannot choose k by {how}: {exc}") from exc
     return KChoice(k, scores, how, list(bank.samples), len(bank), int(mine.size))
 
 
@@ -203,16 +206,25 @@ def _with_training_samples(trained: TrainedModel, dataset: PreparedDataset, samp
     return dataset
 
 
-def update_run_k(trained: TrainedModel, bank: Bank, dataset: PreparedDataset, *, progress: bool = False) -> int:
+def update_run_k(trained: TrainedModel, bank: Bank, dataset: PreparedDataset, *, progress: bool = False,
+                 fallback: bool = False) -> int:
     """Choose k for the run's (new) bank when its config says ``retrieval.k: auto``, write retrieval_k.json and log
-    the choice; returns the k the run now retrieves with."""
+    the choice; returns the k the run now retrieves with. Where k cannot be chosen (too few training spots, no
+    training patches) a ConfigError, or with `fallback` k = 50 written with the reason and a warning."""
     if trained.run_config.retrieval.k != AUTO:
         return int(trained.run_config.retrieval.k)
-    choice = choose_run_k(trained, bank, dataset, progress=progress)
+    try:
+        choice = choose_run_k(trained, bank, dataset, progress=progress)
+    except ConfigError as exc:
+        if not fallback:
+            raise
+        logger.warning("retrieval k = %d: %s", FALLBACK_K, exc)
+        choice = KChoice(FALLBACK_K, {}, f"not chosen ({exc})", list(bank.samples), len(bank), 0)
     write_json(Path(trained.run_dir) / K_CHOICE_FILE, choice.to_json())
-    logger.info("retrieval k = %d, chosen by %s over %d training spots for a bank of %d spots (scores: %s)",
-                choice.k, choice.how, choice.n_queries, choice.bank_spots,
-                ", ".join(f"{k}: {v:.3f}" for k, v in sorted(choice.scores.items())))
+    if choice.scores:
+        logger.info("retrieval k = %d, chosen by %s over %d training spots for a bank of %d spots (scores: %s)",
+                    choice.k, choice.how, choice.n_queries, choice.bank_spots,
+                    ", ".join(f"{k}: {v:.3f}" for k, v in sorted(choice.scores.items())))
     return choice.k
 
 

@@ -88,7 +88,7 @@ def train_run(
             bank = build_bank(trained, PreparedDataset(data_dir), samples, progress=progress)
             save_bank(bank, run_dir)
             logger.info("reference bank: %d spots of %s (%s)", len(bank), samples, bank.fingerprint)
-            update_run_k(trained, bank, PreparedDataset(data_dir), progress=progress)  # before the reference
+            update_run_k(trained, bank, PreparedDataset(data_dir), progress=progress, fallback=True)  # then the reference
             write_confidence_reference(trained, bank, data_dir, progress=progress)
         meta = json.loads((run_dir / RUN_FILE).read_text())
         meta["status"] = "complete"
