@@ -41,6 +41,26 @@ def test_her2st_accuracy_quick(shared_data: Path, tmp_path: Path) -> None:
     assert "QUICK" in Path(f"{stem}.md").read_text()
     assert record["encoders"]["patient-test-B"]["pretraining"]["transductive"] is False
 
+    # the bank/k benchmark reads the same runs: four ways of predicting, each with its k recorded
+    out = tmp_path / "bank_k.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bank_k.py"), "--quick", "--work", str(tmp_path / "work"),
+           "--variant", "cmrcnet-ssl+hc", "--seeds", "0", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bank_k = json.loads(out.read_text())
+    assert {(m["bank"], m["k_rule"]) for m in bank_k["means"]} == {
+        (b, k) for b in ("training bank", "+ expression-only bank") for k in ("k = 50", "chosen k")}
+    assert all(math.isfinite(r["pcc_heg50"]) and r["k"] >= 1 for r in bank_k["rows"])
+    assert bank_k["commit"] and bank_k["machine"] and bank_k["extra_bank"] == ["D1"]
+
+
+def test_bank_k_without_runs_says_so_and_measures_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "bank_k.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bank_k.py"), "--work", str(tmp_path / "none"),
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "nothing measured" in done.stderr and not out.exists()
+
 
 @pytest.mark.extra
 def test_speed_quick(tmp_path: Path) -> None:
