@@ -128,6 +128,9 @@ def test_a_merged_result_says_where_each_part_ran(tmp_path: Path) -> None:
     assert bench_main.main(["--merge", str(tmp_path / "cpu.json"), str(tmp_path / "gpu.json"),
                             "--out", str(tmp_path / "merged")]) == 0
     rec = results.read_record(tmp_path / "merged.json")
+    # the summary (quadratic in the methods) lives in the compressed sidecar and reads back with the record
+    assert "summary" not in json.loads((tmp_path / "merged.json").read_text())
+    assert rec["summary"]["patient"]["cmrcnet-x"]["pcc_heg50"]["mean"] == pytest.approx(0.2)
     assert [(p["device"], p["gpu"]) for p in rec["parts"]] == [("cpu", None), ("cuda", "NVIDIA H200")]
     assert rec["parts"][1]["variants"] == ["bleep-y"] and rec["seeds"] == [0, 1]
     md = (tmp_path / "merged.md").read_text()

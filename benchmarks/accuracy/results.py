@@ -1,7 +1,9 @@
-"""The result file pair: STEM.json (everything but the rows: what tooling and the README read) and
-STEM_runs.json.gz (the rows, with the per-gene HEG-50 PCC the paired statistics need, and the machine and parts
-they were measured on, so the sidecar alone says where its numbers come from). Floats are rounded to 4
-decimals (far below the run-to-run spread) and the JSON is compact, so neither file grows beyond a few hundred KB."""
+"""The result file pair: STEM.json (the record's description: command, machine, parts, folds, variants) and
+STEM_runs.json.gz (the rows, with the per-gene HEG-50 PCC the paired statistics need, the machine and parts they
+were measured on, so the sidecar alone says where its numbers come from, and the summary: per-method statistics
+and every paired difference). `read_record` puts them back together. Floats are rounded to 4 decimals (far below
+the run-to-run spread) and the JSON is compact; the summary, which grows with the square of the methods, lives
+in the compressed sidecar, so neither file grows beyond about a megabyte (the repository's limit per file)."""
 
 from __future__ import annotations
 
@@ -32,19 +34,22 @@ def write_record(stem: Path, rec: dict) -> None:
     """STEM.json, STEM_runs.json.gz and STEM.md, each written atomically."""
     rec = _rounded(rec)
     runs = rec.get("runs", [])
-    sidecar = {"machine": rec.get("machine"), "parts": rec.get("parts"), "runs": runs}
+    sidecar = {"machine": rec.get("machine"), "parts": rec.get("parts"), "runs": runs, "summary": rec.get("summary")}
     with atomic_path(runs_path(stem)) as tmp, gzip.open(tmp, "wt") as f:
         json.dump(sidecar, f, separators=(",", ":"))
-    head = {k: v for k, v in rec.items() if k != "runs"} | {"runs_file": runs_path(stem).name}
+    head = {k: v for k, v in rec.items() if k not in ("runs", "summary")} | {"runs_file": runs_path(stem).name,
+                                                                           "summary_in": runs_path(stem).name}
     write_text(Path(f"{stem}.json"), json.dumps(head, separators=(",", ":")) + "\n")
     write_text(Path(f"{stem}.md"), report.markdown(rec))
 
 
 def read_record(path: Path) -> dict:
-    """A record written by `write_record` (its rows read back from the sidecar), or an older one-file record."""
+    """A record written by `write_record` (its rows and summary read back from the sidecar), or an older one."""
     rec = json.loads(Path(path).read_text())
     if "runs" not in rec and rec.get("runs_file"):
         with gzip.open(Path(path).parent / rec["runs_file"], "rt") as f:
             sidecar = json.load(f)
         rec["runs"] = sidecar["runs"] if isinstance(sidecar, dict) else sidecar  # older sidecars: the rows alone
+        if "summary" not in rec and isinstance(sidecar, dict) and "summary" in sidecar:
+            rec["summary"] = sidecar["summary"]  # (records written before kept it in STEM.json)
     return rec
