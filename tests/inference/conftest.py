@@ -25,3 +25,4 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg.train.epochs = 1
     train_run(data_dir=ds, train_samples=["synS1", "synS2"], run_dir=root / "run", config=cfg, progress=False)
     return root / "run"
+

@@ -8,41 +8,20 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
+from inference_utils import bank_run
 
 from cmrcnet.cli import main
 from cmrcnet.data.dataset import PreparedDataset
-from cmrcnet.data.prepare import prepare_sample
-from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples
 from cmrcnet.errors import CheckpointError, ConfigError
 from cmrcnet.inference.bank import load_bank
 from cmrcnet.inference.predict import predict_from_embeddings, predict_samples
 from cmrcnet.inference.retrieval import retrieve_expression
-from cmrcnet.run.config import load_run_config
 from cmrcnet.run.load import load_trained_model
-from cmrcnet.workflows.train import train_run
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("bankrun")
-    ds = root / "ds"
-    samples = make_synthetic_samples(
-        SyntheticConfig(n_slides=3, n_patients=1, n_rows=6, n_cols=6, n_genes=30)
-    )
-    for s in samples:
-        prepare_sample(s, ds, patch_px=32, progress=False)
-    # an expression-only copy of synS3 (like her2st C1): same counts, no image
-    expr_only = make_synthetic_samples(
-        SyntheticConfig(n_slides=3, n_patients=1, n_rows=6, n_cols=6, n_genes=30)
-    )[2]
-    expr_only.sample_id, expr_only.image = "exprOnly", None
-    expr_only.counts.obs["sample_id"] = "exprOnly"
-    prepare_sample(expr_only, ds, progress=False)
-    cfg = load_run_config("tiny")
-    cfg.train.epochs = 1
-    run = root / "run"
-    train_run(data_dir=ds, train_samples=["synS1", "synS2"], run_dir=run, config=cfg, progress=False)
-    return ds, run
+    return bank_run(tmp_path_factory.mktemp("bankrun"))
 
 
 def test_bank_holds_every_training_spot(trained: tuple[Path, Path]) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from inference_utils import bank_run
 
 from cmrcnet.cli import main
 from cmrcnet.data.prepare import prepare_sample
@@ -20,7 +21,6 @@ from cmrcnet.inference.predict import predict_samples
 from cmrcnet.run.config import RunConfig, load_run_config
 from cmrcnet.run.layout import CONFIG_FILE, K_CHOICE_FILE
 from cmrcnet.run.load import load_trained_model
-from cmrcnet.workflows.train import train_run
 
 
 # ---------------------------------------------------------------------- the choice on arrays
@@ -95,20 +95,7 @@ def test_config_k_is_auto_by_default_and_checked() -> None:
 # ---------------------------------------------------------------------- a run's k
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("krun")
-    ds = root / "ds"
-    synthetic = SyntheticConfig(n_slides=3, n_patients=1, n_rows=6, n_cols=6, n_genes=30)
-    for s in make_synthetic_samples(synthetic):
-        prepare_sample(s, ds, patch_px=32, progress=False)
-    expr_only = make_synthetic_samples(synthetic)[2]  # an expression-only copy of synS3
-    expr_only.sample_id, expr_only.image = "exprOnly", None
-    expr_only.counts.obs["sample_id"] = "exprOnly"
-    prepare_sample(expr_only, ds, progress=False)
-    cfg = load_run_config("tiny")
-    cfg.train.epochs = 1
-    run = root / "run"
-    train_run(data_dir=ds, train_samples=["synS1", "synS2"], run_dir=run, config=cfg, progress=False)
-    return ds, run
+    return bank_run(tmp_path_factory.mktemp("krun"))
 
 
 def _choice(run: Path) -> dict:
