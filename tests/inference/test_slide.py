@@ -19,6 +19,7 @@ from cmrcnet.data.slide_reader import PillowReader, TiffReader, open_slide, read
 from cmrcnet.data.tissue import detect_tissue, otsu_threshold
 from cmrcnet.errors import ConfigError
 from cmrcnet.inference.slide import TileGrid
+from cmrcnet.run.layout import K_CHOICE_FILE
 
 UM_PER_PX = 2.0  # the synthetic slides' pixel size: the tiny run's 112 um field of view is 56 px
 FOV_PX = 112.0 / UM_PER_PX
@@ -231,6 +232,7 @@ def test_predict_slide_on_pyramidal_tiff(run: Path, slide_tif: Path, tmp_path: P
     assert (
         info["level"] == 0
     )  # 56 px tiles for a 32 px model input: level 1 (28 px) would have to be enlarged
+    assert info["k"] == json.loads((run / K_CHOICE_FILE).read_text())["k"]  # the k train chose for the bank
     xy = a.obsm["spatial"]
     # centres on the grid: fov/2 + k * step in full-resolution pixels
     k = (xy - FOV_PX / 2) / FOV_PX
