@@ -64,6 +64,7 @@ def main() -> None:
         "--min-tissue", type=float, default=0.5, help="tissue fraction a tile needs (default 0.5)"
     )
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--k", type=int, help="retrieved neighbours (default: the run's, as predict-slide)")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32", "fp16"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
@@ -98,6 +99,7 @@ def main() -> None:
             progress=True,
             smooth=args.smooth,
             stain_normalise=args.stain_normalise,
+            k=args.k,
         )
         seconds = time.perf_counter() - t0
     pred = result.adata
@@ -140,6 +142,7 @@ def main() -> None:
         "fov_um": float(info["fov_um"]),
         "step_um": float(info["step_um"]),
         "smoothing_weight": float(info["smoothing_weight"]),
+        "k": int(info["k"]),
         "stain_normalisation": info.get("stain_normalisation", "none"),
         "level": int(info["level"]),
         "seconds_total": round(seconds, 2),
