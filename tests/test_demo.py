@@ -18,3 +18,6 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path, capsys) -> None:
     assert metrics["synthetic"] is True and metrics["protocol_id"] == "strict"
     assert metrics["test_samples"] == ["synS2"]
     assert list(out.glob("evaluation/maps_synS2_*.png"))
+    chosen = json.loads((out / "run" / "retrieval_k.json").read_text())
+    assert chosen["how"].startswith("two spatial halves")  # one training slide
+    assert f"k = {chosen['k']} most similar bank spots; k chosen on the training slides" in printed

@@ -77,7 +77,8 @@ def run_demo(
     pred_path = out / "prediction.h5ad"
     adata = predict_samples(run_dir, dataset, test_ids, pred_path, precision=precision, progress=progress)
     lines.append(
-        f"4. predicted {adata.n_obs} spots x {adata.n_vars} genes of held-out {test_ids} -> {pred_path}"
+        f"4. predicted {adata.n_obs} spots x {adata.n_vars} genes of held-out {test_ids} -> {pred_path} "
+        f"(mean of the k = {adata.uns['cmrcnet']['k']} most similar bank spots; k chosen on the training slides)"
     )
     report = out / "evaluation"
     metrics = evaluate_predictions(pred_path, dataset, report, plots=True)
