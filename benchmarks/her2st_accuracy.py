@@ -18,11 +18,12 @@ frozen random one) with handcrafted features; the paper's recipe (paper ViT, 60 
 "+bank" rows retrieve also from other patients' expression-only sections. Baselines on identical genes and
 spots: mean, kNN on handcrafted features, kNN and ridge (HEST-Benchmark recipe) on the same frozen features.
 
-Tuning: only k (retrieval and kNN), from a grid up to 400, by leave-one-training-section-out validation
-(benchmarks/accuracy/kchoice.py). Aggregation and paired bootstrap CIs: benchmarks/accuracy/stats.py.
+Tuning: only k (retrieval and kNN), from a grid of 5-1600, by leave-one-training-section-out validation
+(cmrcnet.inference.kchoice, the rule `cmrcnet train` uses). Aggregation and paired bootstrap CIs:
+benchmarks/accuracy/stats.py.
 
-Writes benchmarks/results/her2st_accuracy.json, _runs.json.gz (the rows) and .md (or *_quick.* with --quick) after
-every fold, with the command, commit, machine and wall time.
+Writes benchmarks/results/her2st_accuracy.json, _runs.json.gz (the rows and the summary) and .md (or *_quick.*
+with --quick) after every fold, with the command, commit, machine and wall time.
 """
 
 from __future__ import annotations
