@@ -19,7 +19,7 @@ from cmrcnet.inference import kchoice
 from cmrcnet.inference.bank import load_bank
 from cmrcnet.inference.predict import predict_samples
 from cmrcnet.run.config import RunConfig, load_run_config
-from cmrcnet.run.layout import CONFIG_FILE, K_CHOICE_FILE
+from cmrcnet.run.layout import CONFIDENCE_REFERENCE_FILE, CONFIG_FILE, K_CHOICE_FILE
 from cmrcnet.run.load import load_trained_model
 
 
@@ -102,6 +102,10 @@ def _choice(run: Path) -> dict:
     return json.loads((run / K_CHOICE_FILE).read_text())
 
 
+def _reference(run: Path) -> dict:
+    return json.loads((run / CONFIDENCE_REFERENCE_FILE).read_text())
+
+
 def test_train_chooses_k_for_its_bank_and_predict_uses_it(trained: tuple[Path, Path], tmp_path: Path) -> None:
     ds, run = trained
     assert load_run_config(run / CONFIG_FILE).retrieval.k == "auto"  # the config keeps what was asked
@@ -129,9 +133,15 @@ def test_bank_add_chooses_k_again_and_bank_build_restores_it(trained: tuple[Path
     assert max(int(k) for k in added["scores"]) > max(int(k) for k in first["scores"])
     pred = predict_samples(run, ds, ["synS3"], None, progress=False, smooth=0.0)
     assert pred.uns["cmrcnet"]["k"] == added["k"] and "exprOnly" in pred.uns["cmrcnet"]["bank_samples"]
+    # the confidence reference is measured again with the new bank and k, so predictions compare like with like
+    per_sample = len(bank) // 3  # three samples of one grid
+    assert _reference(run)["k"] == min(added["k"], 2 * per_sample)  # the other training sample + exprOnly
+    assert _reference(run)["n"] > 0
+    assert pred.uns["cmrcnet"]["confidence_reference"]["k"] == _reference(run)["k"]
     assert main(["bank", "build", "--model", str(run), "--data", str(ds), "--samples", "synS1,synS2",
                  "--quiet"]) == 0  # fmt: skip
     assert _choice(run) == first  # same bank, same embeddings: the same choice
+    assert _reference(run)["k"] == min(first["k"], per_sample)  # the other training sample only
 
 
 def test_a_fixed_k_is_kept_and_a_stale_choice_is_flagged(

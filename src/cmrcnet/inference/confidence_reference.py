@@ -111,7 +111,9 @@ def build_confidence_reference(
     row_samples = np.asarray(table.sample_ids)[rows]
     conf = NeighbourConfidence.empty(len(rows))
     used_k = []  # k after clamping to each (reduced) bank
-    if len(bank.samples) > 1:
+    # leave-one-sample-out among the training samples (spots added with `bank add` are always retrievable); with
+    # one training sample, only the validation spots themselves are left out
+    if len([s for s in trained.run_info.get("train_samples", []) if s in bank.samples]) > 1:
         source = "other_samples"
         for sid in dict.fromkeys(row_samples.tolist()):
             mine = np.flatnonzero(row_samples == sid)

@@ -162,7 +162,7 @@ def choose_run_k(trained: TrainedModel, bank: Bank, dataset: PreparedDataset, *,
     from cmrcnet.inference.predict import embed_patches
 
     train_samples = [s for s in trained.run_info.get("train_samples", []) if s in bank.samples]
-    dataset = _with_training_samples(trained, dataset, train_samples)
+    dataset = training_dataset(trained, dataset, train_samples)
     names = set(dataset.sample_ids())
     imaged = [s for s in train_samples if s in names and dataset.has_image(s)]
     if not imaged:
@@ -194,7 +194,7 @@ def choose_run_k(trained: TrainedModel, bank: Bank, dataset: PreparedDataset, *,
     return KChoice(k, scores, how, list(bank.samples), len(bank), int(mine.size))
 
 
-def _with_training_samples(trained: TrainedModel, dataset: PreparedDataset, samples: list[str]) -> PreparedDataset:
+def training_dataset(trained: TrainedModel, dataset: PreparedDataset, samples: list[str]) -> PreparedDataset:
     """`dataset`, or the run's training dataset (run.json "data_dir") when `dataset` lacks training samples (e.g.
     expression-only sections prepared into a folder of their own for `bank add`)."""
     from cmrcnet.data.dataset import PreparedDataset
