@@ -55,7 +55,7 @@ def update_bank(
         return BankUpdate(bank, path, None, "the regression method does not retrieve")
     k, note = _settle_k(trained, bank, dataset, progress=progress)
     # the validation spots' similarities, measured again with this bank and k, so that predictions compare like
-    # with like (a larger k averages over farther neighbours: lower similarities everywhere)
+    # with like (a larger k averages over farther neighbours, which lowers similarities)
     train_samples = [s for s in trained.run_info.get("train_samples", []) if s in bank.samples]
     try:
         write_confidence_reference(trained, bank, training_dataset(trained, dataset, train_samples).root,
