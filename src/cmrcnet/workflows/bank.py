@@ -25,7 +25,7 @@ class BankUpdate:
 
     bank: Bank
     path: Path
-    k: int | None  # None: the regression method (no retrieval)
+    k: int | None  # None: the regression method (no retrieval), or k not chosen again (the last choice stays)
     k_note: str  # how k was settled (chosen again, fixed in the config, or why the last choice stays)
 
 
