@@ -282,6 +282,7 @@ def test_stain_normalise_trains_on_normalised_sections(
     from cmrcnet.cli import main
     from cmrcnet.data import stain
     from cmrcnet.data.stain import lab_stats, load_stain_reference
+    from cmrcnet.inference import predict as predict_module
 
     calls: list[tuple[list[str], list[float]]] = []
     real = stain.normalise_table
@@ -293,7 +294,8 @@ def test_stain_normalise_trains_on_normalised_sections(
             rows = torch.from_numpy(np.flatnonzero(np.asarray(table.sample_ids) == sid))
             np.testing.assert_allclose(lab_stats(table.images[rows].numpy()).mean, target.mean, atol=3.0)
 
-    monkeypatch.setattr(stain, "normalise_table", spy)
+    monkeypatch.setattr(stain, "normalise_table", spy)  # training (fit_run)
+    monkeypatch.setattr(predict_module, "normalise_table", spy)  # k choice and confidence reference (as trained)
     run_dir, _ = trained
     out = tmp_path / "stain"
     args = ["train", "--data", str(synthetic_ds), "--train-samples", ",".join(TRAIN_SAMPLES), "--out", str(out),

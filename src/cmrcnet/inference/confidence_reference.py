@@ -31,8 +31,8 @@ from cmrcnet.inference.confidence import (
     save_confidence_reference,
     summarise_similarity,
 )
-from cmrcnet.inference.kchoice import resolve_k
-from cmrcnet.inference.predict import BankRetriever, embed_patches
+from cmrcnet.inference.kchoice import bank_training_samples, resolve_k
+from cmrcnet.inference.predict import BankRetriever, embed_patches, normalise_as_trained
 from cmrcnet.run.layout import SPOTS_FILE
 from cmrcnet.run.load import TrainedModel
 
@@ -94,11 +94,7 @@ def build_confidence_reference(
         dataset, samples, None, img_size=trained.model_config.img_size, target_sum=rcfg.genes.target_sum,
         progress=progress,
     )  # fmt: skip
-    if rcfg.train.stain_normalise:  # the model trained on normalised patches: its validation spots get the same
-        from cmrcnet.data.stain import normalise_table
-        from cmrcnet.inference.predict import run_stain_target
-
-        normalise_table(table, run_stain_target(trained))
+    normalise_as_trained(trained, table)  # a model trained on normalised patches: its validation spots too
     wanted = {f"{s}:{b}" for s in samples for b in spots[s]}
     keys = table.keys()
     rows = np.array([i for i, key in enumerate(keys) if key in wanted], dtype=np.int64)
@@ -113,7 +109,7 @@ def build_confidence_reference(
     used_k = []  # k after clamping to each (reduced) bank
     # leave-one-sample-out among the training samples (spots added with `bank add` are always retrievable); with
     # one training sample, only the validation spots themselves are left out
-    if len([s for s in trained.run_info.get("train_samples", []) if s in bank.samples]) > 1:
+    if len(bank_training_samples(trained, bank)) > 1:
         source = "other_samples"
         for sid in dict.fromkeys(row_samples.tolist()):
             mine = np.flatnonzero(row_samples == sid)

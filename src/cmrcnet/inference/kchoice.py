@@ -159,9 +159,9 @@ def choose_run_k(trained: TrainedModel, bank: Bank, dataset: PreparedDataset, *,
     added with `bank add`) is always retrievable. The training patches are embedded as in training (stain-normalised
     when the run trained so)."""
     from cmrcnet.data.spots import load_spot_table
-    from cmrcnet.inference.predict import embed_patches
+    from cmrcnet.inference.predict import embed_patches, normalise_as_trained
 
-    train_samples = [s for s in trained.run_info.get("train_samples", []) if s in bank.samples]
+    train_samples = bank_training_samples(trained, bank)
     dataset = training_dataset(trained, dataset, train_samples)
     names = set(dataset.sample_ids())
     imaged = [s for s in train_samples if s in names and dataset.has_image(s)]
@@ -170,11 +170,7 @@ def choose_run_k(trained: TrainedModel, bank: Bank, dataset: PreparedDataset, *,
                           "choose k with")
     table = load_spot_table(dataset, imaged, None, img_size=trained.model_config.img_size,
                             target_sum=trained.run_config.genes.target_sum, progress=progress)
-    if trained.run_config.train.stain_normalise:
-        from cmrcnet.data.stain import normalise_table
-        from cmrcnet.inference.predict import run_stain_target
-
-        normalise_table(table, run_stain_target(trained))
+    normalise_as_trained(trained, table)
     row_of = {key: i for i, key in enumerate(bank.keys)}
     keys = table.keys()
     mine = np.array([i for i, key in enumerate(keys) if key in row_of], dtype=np.int64)
@@ -192,6 +188,12 @@ def choose_run_k(trained: TrainedModel, bank: Bank, dataset: PreparedDataset, *,
     except ValueError as exc:  # no validation group large enough
         raise ConfigError(f"{trained.run_dir}: cannot choose k by {how}: {exc}") from exc
     return KChoice(k, scores, how, list(bank.samples), len(bank), int(mine.size))
+
+
+def bank_training_samples(trained: TrainedModel, bank: Bank) -> list[str]:
+    """The run's training samples that are in `bank` (in training order): the queries of the k choice and the
+    samples whose validation spots the confidence reference leaves out in turn."""
+    return [s for s in trained.run_info.get("train_samples", []) if s in bank.samples]
 
 
 def training_dataset(trained: TrainedModel, dataset: PreparedDataset, samples: list[str]) -> PreparedDataset:

@@ -236,6 +236,14 @@ def run_stain_target(trained: TrainedModel) -> LabStats:
     return load_stain_reference(Path(trained.run_dir) / STAIN_REFERENCE_FILE)
 
 
+def normalise_as_trained(trained: TrainedModel, table) -> None:
+    """Map a SpotTable of the run's training samples (in place) onto the run's stain reference when the run
+    trained on stain-normalised patches (``train.stain_normalise``), so they are embedded as in training (the
+    retrieval k's choice and the confidence reference); otherwise leave it as it is."""
+    if trained.run_config.train.stain_normalise:
+        normalise_table(table, run_stain_target(trained))
+
+
 def resolve_stain_target(trained: TrainedModel, stain_normalise: bool | None) -> LabStats | None:
     """The colours to normalise onto, or None for no stain normalisation.
 

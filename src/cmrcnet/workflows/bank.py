@@ -13,7 +13,7 @@ from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.errors import ConfigError, InputFileError
 from cmrcnet.inference.bank import Bank, build_bank, load_bank, merge_banks, save_bank
 from cmrcnet.inference.confidence_reference import write_confidence_reference
-from cmrcnet.inference.kchoice import AUTO, training_dataset, update_run_k
+from cmrcnet.inference.kchoice import AUTO, bank_training_samples, training_dataset, update_run_k
 from cmrcnet.run.load import TrainedModel
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def update_bank(
     k, note = _settle_k(trained, bank, dataset, progress=progress)
     # the validation spots' similarities, measured again with this bank and k, so that predictions compare like
     # with like (a larger k averages over farther neighbours, which lowers similarities)
-    train_samples = [s for s in trained.run_info.get("train_samples", []) if s in bank.samples]
+    train_samples = bank_training_samples(trained, bank)
     try:
         write_confidence_reference(trained, bank, training_dataset(trained, dataset, train_samples).root,
                                    progress=progress)  # fmt: skip
@@ -70,7 +70,7 @@ def _settle_k(trained: TrainedModel, bank: Bank, dataset: PreparedDataset, *, pr
     fixed = trained.run_config.retrieval.k
     if fixed != AUTO:
         return int(fixed), f"fixed in the run's config (retrieval.k: {fixed})"
-    if not any(s in bank.samples for s in trained.run_info.get("train_samples", [])):
+    if not bank_training_samples(trained, bank):
         note = "not chosen again: the bank holds none of the training samples to choose it with (the last choice stays)"
         logger.warning("%s: retrieval k %s", trained.run_dir, note)
         return None, note
