@@ -173,6 +173,29 @@ def test_a_cpu_line_reads_back_into_flags_and_torch_capability() -> None:
     assert stats.cpu_record("cpu of the cpu part") == {} and stats.cpu_record(None) == {}
 
 
+def test_every_written_row_carries_the_cpu_flags_and_torch_capability_it_ran_with(tmp_path: Path) -> None:
+    from cmrcnet.runtime import cpu_line
+
+    from accuracy import results
+
+    amd = {"cpu": "AMD EPYC", "flags": {"avx2": True, "avx512f": True, "avx512_bf16": True, "amx_bf16": False,
+                                        "amx_tile": False}, "torch": "2.13.0+cpu", "torch_cpu_capability": "AVX512",
+           "threads": 2}
+    xeon = {**amd, "cpu": "Xeon", "flags": {**amd["flags"], "amx_bf16": True, "amx_tile": True}}
+    one = _record([_row("B4", "cmrcnet-x", 0, 0.2)])  # a record of one run: its machine's flags
+    one["machine"] |= {"cpu_flags": xeon["flags"], "torch_cpu_capability": "AMX"}
+    merged = _record([{**_row("B4", "cmrcnet-x", 0, 0.2), "cpu": cpu_line(amd)},  # a merged row: its own line
+                      {**_row("B4", "knn-handcrafted", None, 0.1), "cpu": None}])  # parts disagreed: no claim
+    merged |= {"merged_from": ["a.json", "b.json"], "machine": one["machine"]}
+    for stem, rec in (("one", one), ("merged", merged)):
+        results.write_record(tmp_path / stem, rec)
+    rows = results.read_record(tmp_path / "one.json")["runs"]
+    assert rows[0]["cpu_flags"] == xeon["flags"] and rows[0]["torch_cpu_capability"] == "AMX"
+    a, b = results.read_record(tmp_path / "merged.json")["runs"]
+    assert a["cpu_flags"] == amd["flags"] and a["torch_cpu_capability"] == "AVX512"
+    assert "cpu_flags" not in b and "torch_cpu_capability" not in b
+
+
 def _table(n: int, seed: int, sections: list[str]) -> SpotTable:
     rng = np.random.default_rng(seed)
     return SpotTable(torch.zeros((n, 1, 1, 3), dtype=torch.uint8),

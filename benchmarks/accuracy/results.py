@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cmrcnet.atomic import atomic_path, write_text
 
-from . import report
+from . import report, stats
 
 
 def _rounded(obj, digits: int = 4):
@@ -26,6 +26,18 @@ def _rounded(obj, digits: int = 4):
     return obj
 
 
+def _with_cpu_fields(row: dict, rec: dict) -> dict:
+    """`row` with the CPU flags and torch CPU capability it was measured with as fields: read from its own cpu
+    line (rows of a merged record), else, in a record of one run, from the record's machine."""
+    if "cpu_flags" in row:
+        return row
+    fields = stats.cpu_record(row.get("cpu"))
+    machine = rec.get("machine") or {}
+    if not fields and not rec.get("merged_from") and "cpu_flags" in machine:
+        fields = {"cpu_flags": machine["cpu_flags"], "torch_cpu_capability": machine.get("torch_cpu_capability")}
+    return {**row, **fields}
+
+
 def runs_path(stem: Path) -> Path:
     return Path(f"{stem}_runs.json.gz")
 
@@ -33,7 +45,7 @@ def runs_path(stem: Path) -> Path:
 def write_record(stem: Path, rec: dict) -> None:
     """STEM.json, STEM_runs.json.gz and STEM.md, each written atomically."""
     rec = _rounded(rec)
-    runs = rec.get("runs", [])
+    runs = [_with_cpu_fields(row, rec) for row in rec.get("runs", [])]
     sidecar = {"machine": rec.get("machine"), "parts": rec.get("parts"), "runs": runs, "summary": rec.get("summary")}
     with atomic_path(runs_path(stem)) as tmp, gzip.open(tmp, "wt") as f:
         json.dump(sidecar, f, separators=(",", ":"))
