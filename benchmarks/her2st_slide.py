@@ -14,6 +14,12 @@ run this script, which
    same score computed from the measured markers;
 4. records runtime, tiles/s and the correlations in benchmarks/results/slide.json (with machine and command).
 
+`--add-inset` first pastes, on a copy of the image in a temporary folder (never the repository), what exports of
+annotated slides carry beside the tissue: a white annotation legend with coloured class squares (top left) and a
+1/4-size miniature of the slide with a green annotation circle in a white frame (top right), each at least 10 px
+from the tissue's bounding box side they face (checked). `--keep-all-objects` is predict-slide's option that keeps
+such objects as tissue.
+
 Tiles are laid on the slide's own grid, not on the spots, so a spot is compared with the tile that contains it
 (its centre is up to half a tile away): this measures the whole-slide path, not patch-level accuracy (for that,
 use `cmrcnet predict` + `cmrcnet evaluate` on the prepared patches).
@@ -36,6 +42,7 @@ from cmrcnet.constants import DEFAULT_SMOOTH
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.genes import expression_matrix
 from cmrcnet.data.markers import BREAST_CANCER_MARKERS, BREAST_TUMOUR_MARKERS
+from cmrcnet.data.tissue import TissueConfig, detect_tissue
 from cmrcnet.evaluation.localisation import match_points, tumour_score
 from cmrcnet.inference.slide import predict_slide
 
@@ -51,6 +58,37 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     if a.std() < 1e-12 or b.std() < 1e-12:
         return None
     return float(np.corrcoef(a, b)[0, 1])
+
+
+def with_inset(image: Path, out: Path) -> Path:
+    """A PNG copy of `image` with an annotation legend (top left) and a framed miniature (top right) pasted in the
+    corners; an error if either would come within 10 px of the tissue (found on the unmodified image)."""
+    from PIL import Image, ImageDraw
+
+    Image.MAX_IMAGE_PIXELS = None
+    img = Image.open(image).convert("RGB")
+    w, h = img.size
+    ys, xs = np.nonzero(detect_tissue(np.asarray(img), 1.0, 1.0).mask)
+    top, left, right = int(ys.min()), int(xs.min()), int(xs.max())
+    legend = (20, 20, 20 + w // 5, 20 + h // 8)  # x0, y0, x1, y1
+    mini = img.resize((w // 4, h // 4))
+    ImageDraw.Draw(mini).ellipse([w // 16, h // 16, w // 6, h // 6], outline=(0, 200, 0), width=3)
+    framed = Image.new("RGB", (mini.width + 16, mini.height + 16), (255, 255, 255))
+    framed.paste(mini, (8, 8))
+    fx, fy = w - framed.width - 10, 10
+    if not (legend[3] + 10 < top or legend[2] + 10 < left) or not (fy + framed.height + 10 < top or fx - 10 > right):
+        raise SystemExit(f"{image}: no room for the inset beside the tissue")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle(legend, fill=(255, 255, 255))
+    side = (legend[3] - legend[1]) // 6
+    for i, colour in enumerate([(255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 200, 0), (160, 32, 240)]):
+        y = legend[1] + side // 2 + i * side
+        draw.rectangle([legend[0] + side // 2, y, legend[0] + side, y + side // 2], fill=colour)
+        draw.text((legend[0] + side + 10, y), ["invasive cancer", "breast glands", "immune infiltrate",
+                                                "cancer in situ", "connective tissue"][i], fill=(0, 0, 0))
+    img.paste(framed, (fx, fy))
+    img.save(out)
+    return out
 
 
 def main() -> None:
@@ -74,6 +112,9 @@ def main() -> None:
                     help=f"weight of the neighbouring tiles' predictions (default {DEFAULT_SMOOTH}, predict-slide's)")
     ap.add_argument("--stain-normalise", action=argparse.BooleanOptionalAction, default=None,
                     help="predict-slide's stain normalisation (default: predict-slide's default)")
+    ap.add_argument("--add-inset", action="store_true",
+                    help="paste an annotation legend and a framed miniature of the slide onto a copy of the image")
+    ap.add_argument("--keep-all-objects", action="store_true", help="predict-slide's --keep-all-objects")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     args = ap.parse_args()
 
@@ -82,7 +123,10 @@ def main() -> None:
     pixel_size = float(meta["pixel_size_um"])
     image = args.image or Path(meta.get("source", {}).get("image") or SHARED_IMAGES / f"{args.sample}.jpg")
 
+    source = image
     with tempfile.TemporaryDirectory() as tmp:
+        if args.add_inset:
+            image = with_inset(source, Path(tmp) / f"{args.sample}_inset.png")
         out_dir = args.workdir or Path(tmp) / "slide"
         t0 = time.perf_counter()
         result = predict_slide(
@@ -100,6 +144,7 @@ def main() -> None:
             smooth=args.smooth,
             stain_normalise=args.stain_normalise,
             k=args.k,
+            **({"tissue": TissueConfig(drop_non_tissue=False)} if args.keep_all_objects else {}),
         )
         seconds = time.perf_counter() - t0
     pred = result.adata
@@ -134,7 +179,7 @@ def main() -> None:
         "git_commit": git_commit(),
         "command": "python " + shlex.join(["benchmarks/her2st_slide.py", *sys.argv[1:]]),
         "sample": args.sample,
-        "image": str(image),
+        "image": str(source),
         "run": str(args.run),
         "train_samples": list(info["train_samples"]),
         "bank_samples": list(info["bank_samples"]),
@@ -144,6 +189,8 @@ def main() -> None:
         "smoothing_weight": float(info["smoothing_weight"]),
         "k": int(info["k"]),
         "stain_normalisation": info.get("stain_normalisation", "none"),
+        "inset_added": bool(args.add_inset),
+        "tissue_left_out": info["tissue"].get("left_out", ""),
         "level": int(info["level"]),
         "seconds_total": round(seconds, 2),
         **{

@@ -395,7 +395,9 @@ def predict_slide(
     **options
         ``pixel_size_um`` (required without slide metadata), ``step_um``, ``genes``, ``markers``,
         ``threshold``, ``batch_size``, ``precision``, ``device``, ``k``, ``weighting``, ``sample_id``,
-        ``min_tissue``, ``reader``, ``plots``, ``progress`` (`cmrcnet.inference.slide.predict_slide`).
+        ``min_tissue``, ``tissue`` (a `cmrcnet.data.tissue.TissueConfig`; ``TissueConfig(drop_non_tissue=False)``
+        keeps legends, insets and pen ink as tissue), ``reader``, ``plots``, ``progress``
+        (`cmrcnet.inference.slide.predict_slide`).
 
     Returns
     -------

@@ -45,6 +45,12 @@ def _add_slide_options(p: argparse.ArgumentParser, *, pixel_size_help: str) -> N
     p.add_argument(
         "--min-tissue", type=float, default=0.5, help="fraction of a tile that must be tissue (default 0.5)"
     )
+    p.add_argument(
+        "--keep-all-objects",
+        action="store_true",
+        help="keep objects that look like a legend, an inset, a label or pen ink as tissue (default: left out, "
+        "with a warning)",
+    )
     p.add_argument("--k", type=_positive_int, help="neighbours to average (default: the run's, chosen when its bank was built; retrieval_k.json)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="tiles per forward pass (default 64)")
     _add_stain(p)
@@ -58,8 +64,12 @@ def _add_slide_options(p: argparse.ArgumentParser, *, pixel_size_help: str) -> N
 
 def _slide_options(args: argparse.Namespace) -> dict:
     from cmrcnet.data.markers import parse_markers
+    from cmrcnet.data.tissue import TissueConfig
 
+    # `tissue` only when asked: a predict-slides batch made before the option existed keeps its fingerprints
+    tissue = {"tissue": TissueConfig(drop_non_tissue=False)} if args.keep_all_objects else {}
     return dict(
+        **tissue,
         step_um=args.step_um,
         genes=args.genes,
         markers=parse_markers(args.markers),

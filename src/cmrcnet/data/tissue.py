@@ -10,6 +10,16 @@ Some exports put the tissue on a black background. There the background has no s
 section with a few strongly stained regions has a long saturation tail, and Otsu then separates the strong
 regions from everything else, losing most of the tissue. When the thumbnail's border is dark, the tissue is instead
 what is brighter than the background: Otsu on brightness (the largest RGB channel), with its own floor.
+
+Exports and scans can hold objects that pass these thresholds but are not tissue: an annotation legend or an inset
+(a miniature of the slide in a frame), a label, or marker-pen ink on the glass. Two rules drop them, each logged:
+- a panel: an object that, with its holes filled, covers at least `panel_fill` of its bounding box (a rectangle;
+  tissue outlines are irregular) and is not the largest object (the main tissue is never dropped this way);
+- ink: an object most of whose pixels have a colour no H&E stain gives (saturated yellow, green or cyan).
+The threshold is then computed again without the dropped objects (a white legend on a black background would
+otherwise raise the brightness threshold and cut pale tissue). A slide whose every object looks like a panel or
+ink keeps them all, with a warning. On white glass a white or black frame is not detected at all, so a miniature
+of the slide there reads as a small piece of tissue; its legend's coloured squares are panels.
 """
 
 from __future__ import annotations
@@ -37,6 +47,9 @@ class TissueConfig:
     min_hole_um2: float = 10_000.0  # holes inside tissue smaller than this are filled
     dark_border: float = 0.25  # a border median brightness below this (0-1) means a black background
     min_brightness: float = 0.2  # floor of the Otsu threshold on brightness on a black background
+    panel_fill: float = 0.95  # an object filling this much of its bounding box is a rectangle: a legend/inset/label
+    panel_min_px: int = 8  # ... when its box is at least this many thumbnail pixels on each side
+    drop_non_tissue: bool = True  # drop panels and ink objects (module docstring)
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -51,6 +64,7 @@ class TissueMask:
     threshold: float  # threshold applied to the feature (max of Otsu and the floor), tissue is above it
     otsu: float  # the Otsu threshold before the floor
     feature: str = "saturation"  # "saturation", or "brightness" on a black background
+    left_out: str | None = None  # what was left out as not H&E tissue (legends, insets, pen ink), if anything
 
     @property
     def fraction(self) -> float:
@@ -143,11 +157,20 @@ def detect_tissue(
         feature, name, floor = saturation(thumb), "saturation", cfg.min_saturation
     if cfg.smooth_px > 1:
         feature = ndimage.median_filter(feature, size=cfg.smooth_px, mode="nearest")
-    otsu = _otsu_index(np.bincount(feature.ravel(), minlength=256))  # in units of 1/255
-    cut = max(otsu, math.floor(floor * 255))
-    mask = feature > cut
     um2_per_px = (downsample * pixel_size_um) ** 2
-    mask = _remove_small(mask, cfg.min_object_um2 / um2_per_px)
+    raw, otsu, cut = _threshold(feature, floor)
+    left_out = None
+    if cfg.drop_non_tissue:
+        # on the mask before dust removal, so that a thin frame still encloses its inset
+        dropped, counts = non_tissue_objects(raw, thumb, cfg)
+        if dropped.any():
+            raw, otsu, cut = _threshold(feature, floor, ignore=dropped)
+            raw &= ~dropped
+            left_out = "left out {} ({:.1f}% of the slide) as not H&E tissue (--keep-all-objects keeps them)".format(
+                ", ".join(f"{n} {kind}" for kind, n in counts.items() if n), 100.0 * float(dropped.mean())
+            )
+            logger.warning("tissue: %s", left_out)
+    mask = _remove_small(raw, cfg.min_object_um2 / um2_per_px)
     mask = ~_remove_small(~mask, cfg.min_hole_um2 / um2_per_px, keep_border=True)
     threshold, otsu_f = (cut + 0.5) / 255.0, (otsu + 0.5) / 255.0
     logger.info(
@@ -158,7 +181,61 @@ def detect_tissue(
         " on a black background" if name == "brightness" else "",
         100.0 * float(mask.mean()),
     )
-    return TissueMask(mask, float(downsample), float(threshold), float(otsu_f), name)
+    return TissueMask(mask, float(downsample), float(threshold), float(otsu_f), name, left_out)
+
+
+def _threshold(feature: np.ndarray, floor: float, *, ignore: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+    """(feature above max(Otsu, floor), Otsu bin, cut bin); `ignore`: pixels left out of the Otsu histogram
+    (objects already known not to be tissue)."""
+    values = feature if ignore is None else feature[~ignore]
+    otsu = _otsu_index(np.bincount(values.ravel(), minlength=256))  # in units of 1/255
+    cut = max(otsu, math.floor(floor * 255))
+    return feature > cut, otsu, cut
+
+
+def hue_degrees(rgb: np.ndarray) -> np.ndarray:
+    """(h, w) float32 HSV hue in degrees [0, 360) of uint8 RGB (0 for grey pixels)."""
+    x = rgb.astype(np.float32)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    hi, lo = x.max(axis=2), x.min(axis=2)
+    spread = np.maximum(hi - lo, 1e-6)
+    hue = np.where(hi == r, (g - b) / spread % 6, np.where(hi == g, (b - r) / spread + 2, (r - g) / spread + 4))
+    return np.where(hi - lo > 0, hue * 60.0, 0.0).astype(np.float32)
+
+
+def off_stain(rgb: np.ndarray) -> np.ndarray:
+    """(h, w) bool: pixels of a colour H&E does not give: saturation at least 0.3 and hue from 45 to 160 degrees
+    (yellow to green: marker pens and annotation colours). Eosin is pink-red and haematoxylin blue-purple; hues
+    of cyan and teal (160-200 degrees) are left alone, as a stain shifted by another scanner can reach them."""
+    hue = hue_degrees(rgb)
+    return (hue >= 45.0) & (hue <= 160.0) & (saturation(rgb) >= round(0.3 * 255))
+
+
+def non_tissue_objects(mask: np.ndarray, thumb: np.ndarray, cfg: TissueConfig) -> tuple[np.ndarray, dict[str, int]]:
+    """(pixels of the objects of `mask` that are panels or ink (module docstring), {"panel(s)": n, "ink
+    object(s)": n}). Objects are 8-connected with their holes filled, so a framed inset drops with its contents.
+    Nothing is dropped when that would leave no tissue."""
+    none = np.zeros_like(mask)
+    filled = ndimage.binary_fill_holes(mask)
+    labels, n = ndimage.label(filled, structure=_EIGHT_CONNECTED)
+    if n < 2:
+        return none, {}
+    flat = labels.ravel()
+    sizes = np.bincount(flat, minlength=n + 1)
+    tissue_px = np.bincount(flat, weights=mask.ravel(), minlength=n + 1)
+    ink_px = np.bincount(flat, weights=(mask & off_stain(thumb)).ravel(), minlength=n + 1)
+    largest = int(np.argmax(sizes[1:])) + 1
+    kind = np.zeros(n + 1, dtype=np.int8)  # 0 keep, 1 panel, 2 ink
+    for i, box in enumerate(ndimage.find_objects(labels), start=1):
+        h, w = box[0].stop - box[0].start, box[1].stop - box[1].start
+        if i != largest and min(h, w) >= cfg.panel_min_px and sizes[i] >= cfg.panel_fill * h * w:
+            kind[i] = 1
+        elif ink_px[i] > 0.5 * tissue_px[i]:
+            kind[i] = 2
+    if (kind[1:] > 0).all():
+        logger.warning("tissue: every object looks like a panel or ink; keeping them all")
+        return none, {}
+    return kind[labels] > 0, {"panel(s)": int((kind == 1).sum()), "ink object(s)": int((kind == 2).sum())}
 
 
 def dark_background(thumb: np.ndarray, dark_border: float = 0.25) -> bool:

@@ -172,7 +172,7 @@ def predict_slides(
     """Predict every slide of this process's shard of `manifest` into `out_dir` (see the module docstring).
 
     `options` go to `cmrcnet.inference.slide.predict_slide` (step_um, genes, markers, threshold, batch_size,
-    precision, device, k, weighting, min_tissue, reader, plots); a manifest row's pixel_size overrides
+    precision, device, k, weighting, min_tissue, tissue, reader, plots); a manifest row's pixel_size overrides
     `pixel_size_um`. Returns this process's rows; `BatchResult.exit_code` is 0 or 100 + the failures.
     """
     from cmrcnet.inference.slide import predict_slide

@@ -172,7 +172,8 @@ def predict_slide(
         k, weighting: retrieval settings; default the run's.
         sample_id: the slide's id (default: file name without suffixes); bank spots of this id are excluded.
         min_tissue: fraction of a tile that must be tissue for the tile to be predicted.
-        tissue: tissue-detection parameters.
+        tissue: tissue-detection parameters (`TissueConfig`; by default objects that look like a legend, an
+            inset, a label or pen ink are left out, with a warning).
         reader: slide back end ("auto", "openslide", "tifffile", "pillow").
         plots: draw the heatmap, score and confidence PNGs.
         stain_normalise: map the slide's colours onto the run's training patches before prediction
@@ -237,7 +238,7 @@ def predict_slide(
         adata.obs[SPREAD_KEY] = conf.spread
         reference = load_confidence_reference(run_dir, fingerprint=trained.fingerprint)
     stats["confidence"], warning = slide_confidence_summary(conf, reference)
-    stats["warnings"] = [w for w in (resolution_warning, warning) if w]
+    stats["warnings"] = [w for w in (resolution_warning, layout.mask.left_out, warning) if w]
     if warning:
         logger.warning("%s: %s", sample_id, warning)
     adata.uns[CMRCNET_UNS] = {
@@ -458,6 +459,7 @@ def _slide_provenance(
             "threshold": layout.mask.threshold,
             "otsu": layout.mask.otsu,
             "feature": layout.mask.feature,
+            "left_out": layout.mask.left_out or "",
         },
     }
 
