@@ -47,6 +47,13 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help=PRECISION_HELP)
 
 
+def _add_k(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--k", type=_positive_int,
+        help="neighbours to average (default: the run's, chosen when its bank was built; retrieval_k.json)",
+    )  # fmt: skip
+
+
 def _add_stain(p: argparse.ArgumentParser) -> None:
     from cmrcnet.constants import DEFAULT_STAIN_NORMALISE
 

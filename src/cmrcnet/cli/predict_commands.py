@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cmrcnet.cli._common import (
     PRECISION_HELP,
+    _add_k,
     _add_precision,
     _add_smooth,
     _add_stain,
@@ -83,7 +84,7 @@ def _add_predict(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
     _add_model_and_samples(p)
     p.add_argument("--out", type=Path, required=True, help="output .h5ad (spots x genes)")
-    p.add_argument("--k", type=_positive_int, help="neighbours to average (default: the run's, chosen when its bank was built; retrieval_k.json)")
+    _add_k(p)
     p.add_argument("--weighting", choices=WEIGHTINGS, help="plain (paper) or similarity-weighted")
     p.add_argument("--backend", choices=BACKENDS, default="exact", help="search backend")
     p.add_argument("--checkpoint", choices=CHECKPOINTS, help="default: the run's `select` setting")

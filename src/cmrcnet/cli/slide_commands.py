@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from cmrcnet.cli._common import (
+    _add_k,
     _add_precision,
     _add_smooth,
     _add_stain,
@@ -51,7 +52,7 @@ def _add_slide_options(p: argparse.ArgumentParser, *, pixel_size_help: str) -> N
         help="keep objects that look like a legend, an inset, a label or pen ink as tissue (default: left out, "
         "with a warning)",
     )
-    p.add_argument("--k", type=_positive_int, help="neighbours to average (default: the run's, chosen when its bank was built; retrieval_k.json)")
+    _add_k(p)
     p.add_argument("--batch-size", type=_positive_int, default=64, help="tiles per forward pass (default 64)")
     _add_stain(p)
     _add_smooth(p, "tile")
