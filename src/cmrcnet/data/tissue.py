@@ -162,7 +162,7 @@ def detect_tissue(
     left_out = None
     if cfg.drop_non_tissue:
         # on the mask before dust removal, so that a thin frame still encloses its inset
-        dropped, counts = non_tissue_objects(raw, thumb, cfg)
+        dropped, counts = non_tissue_objects(raw, thumb, cfg, min_px=cfg.min_object_um2 / um2_per_px)
         if dropped.any():
             raw, otsu, cut = _threshold(feature, floor, ignore=dropped)
             raw &= ~dropped
@@ -211,9 +211,12 @@ def off_stain(rgb: np.ndarray) -> np.ndarray:
     return (hue >= 45.0) & (hue <= 160.0) & (saturation(rgb) >= round(0.3 * 255))
 
 
-def non_tissue_objects(mask: np.ndarray, thumb: np.ndarray, cfg: TissueConfig) -> tuple[np.ndarray, dict[str, int]]:
+def non_tissue_objects(
+    mask: np.ndarray, thumb: np.ndarray, cfg: TissueConfig, *, min_px: float = 0.0
+) -> tuple[np.ndarray, dict[str, int]]:
     """(pixels of the objects of `mask` that are panels or ink (module docstring), {"panel(s)": n, "ink
-    object(s)": n}). Objects are 8-connected with their holes filled, so a framed inset drops with its contents.
+    object(s)": n}). Objects are 8-connected with their holes filled, so a framed inset drops with its contents;
+    objects smaller than `min_px` with their holes filled are dust, left to the dust removal (not counted here).
     Nothing is dropped when that would leave no tissue."""
     none = np.zeros_like(mask)
     filled = ndimage.binary_fill_holes(mask)
@@ -228,6 +231,8 @@ def non_tissue_objects(mask: np.ndarray, thumb: np.ndarray, cfg: TissueConfig) -
     kind = np.zeros(n + 1, dtype=np.int8)  # 0 keep, 1 panel, 2 ink
     for i, box in enumerate(ndimage.find_objects(labels), start=1):
         h, w = box[0].stop - box[0].start, box[1].stop - box[1].start
+        if sizes[i] < min_px:
+            continue
         if i != largest and min(h, w) >= cfg.panel_min_px and sizes[i] >= cfg.panel_fill * h * w:
             kind[i] = 1
         elif ink_px[i] > 0.5 * tissue_px[i]:
