@@ -20,8 +20,8 @@ def _legend(img: np.ndarray, x0: int, y0: int, w: int = 110, h: int = 90) -> np.
     """A white legend box with coloured squares (the annotation classes) pasted at (x0, y0)."""
     out = img.copy()
     out[y0 : y0 + h, x0 : x0 + w] = 255
-    for i, colour in enumerate([(255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 200, 0)]):
-        out[y0 + 6 + 21 * i : y0 + 22 + 21 * i, x0 + 6 : x0 + 22] = colour
+    for i, colour in enumerate([(255, 0, 0), (0, 200, 0), (0, 0, 255)]):
+        out[y0 + 20 + 18 * i : y0 + 32 + 18 * i, x0 + 20 : x0 + 32] = colour
     return out
 
 
@@ -93,11 +93,14 @@ def test_green_pen_on_the_glass_is_left_out() -> None:
 
 
 def test_the_largest_object_is_never_a_panel_and_nothing_is_emptied(caplog) -> None:
-    img = np.full((200, 300, 3), 245, np.uint8)
-    img[40:160, 60:240] = (200, 110, 170)  # one rectangular piece of tissue (e.g. a cropped region)
-    img[10:30, 10:30] = (200, 110, 170)  # a smaller rectangle: a panel
+    rng = np.random.default_rng(0)
+    img = np.full((260, 400, 3), 245, np.uint8)
+    img[40:160, 60:240] = (200, 110, 170)  # one rectangular piece of tissue (e.g. a cropped region), plain
+    img[180:240, 10:70] = (200, 110, 170)  # a smaller plain rectangle: a panel
+    img[180:240, 300:360] = np.clip(rng.normal((200, 110, 170), 12, (60, 60, 3)), 0, 255)  # textured: tissue
     mask = detect_tissue(img, 1.0, UM_PER_PX).mask
-    assert mask[42:158, 62:238].all() and not mask[10:30, 10:30].any()  # (corners rounded by the median filter)
+    assert mask[42:158, 62:238].all() and not mask[180:240, 10:70].any()  # (corners rounded by the median filter)
+    assert mask[182:238, 302:358].all()  # a small piece of tissue cut square is not a panel
     green = np.full((200, 300, 3), 245, np.uint8)
     green[40:160, 60:240] = (30, 180, 60)  # only green objects: kept all, with a warning
     green[10:70, 250:295] = (30, 180, 60)
@@ -131,3 +134,22 @@ def test_keep_all_objects_keeps_the_legend(run: Path, tmp_path: Path) -> None:
     assert a.uns["cmrcnet"]["tissue"]["drop_non_tissue"] is False
     xy = a.obsm["spatial"]
     assert ((xy[:, 0] < 10 + 110) & (xy[:, 1] < 10 + 90)).any()  # a tile on the legend
+
+
+def test_pale_lace_between_fibres_is_tissue_but_glass_between_pieces_is_not() -> None:
+    """Loose stroma: stained fibres 3 px wide every 12 px (24 um gaps at 2 um/px) over a 200 x 200 px piece, and a
+    second solid piece 100 px (200 um) to its right."""
+    img = np.full((300, 520, 3), 245, np.uint8)
+    lace = np.zeros((300, 520), bool)
+    lace[50:250, 50:250] = (np.arange(50, 250) % 12 < 3)[None, :] | (np.arange(50, 250) % 12 < 3)[:, None]
+    rng = np.random.default_rng(0)
+    stain = np.clip(rng.normal((200, 110, 170), 12, img.shape), 0, 255).astype(np.uint8)  # textured tissue
+    img[lace] = stain[lace]
+    img[50:250, 350:450] = stain[50:250, 350:450]
+    mask = detect_tissue(img, 1.0, UM_PER_PX).mask
+    assert mask[55:245, 55:245].mean() > 0.99  # the gaps between fibres are bridged
+    assert not mask[100:200, 265:335].any()  # 200 um of glass between the pieces stays glass
+    assert mask[55:245, 355:445].all()  # the square piece is tissue (textured: not a panel)
+    lace_only = detect_tissue(img, 1.0, UM_PER_PX, TissueConfig(close_um=0.0, min_hole_um2=0.0)).mask
+    assert lace_only[55:245, 55:245].mean() < 0.5  # the threshold alone: the fibres only
+    np.testing.assert_array_equal(mask[:, 0], False)  # the image border is not eroded nor grown into
