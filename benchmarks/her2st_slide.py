@@ -60,7 +60,7 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def with_inset(image: Path, out: Path) -> Path:
+def with_inset(image: Path, out: Path, pixel_size: float) -> Path:
     """A PNG copy of `image` with an annotation legend (top left) and a framed miniature (top right) pasted in the
     corners; an error if either would come within 10 px of the tissue (found on the unmodified image)."""
     from PIL import Image, ImageDraw
@@ -68,8 +68,9 @@ def with_inset(image: Path, out: Path) -> Path:
     Image.MAX_IMAGE_PIXELS = None
     img = Image.open(image).convert("RGB")
     w, h = img.size
-    ys, xs = np.nonzero(detect_tissue(np.asarray(img), 1.0, 1.0).mask)
-    top, left, right = int(ys.min()), int(xs.min()), int(xs.max())
+    f = max(1, round(max(w, h) / 2048))  # detect on a thumbnail of at most ~2048 px a side
+    ys, xs = np.nonzero(detect_tissue(np.asarray(img.reduce(f)), float(f), pixel_size).mask)
+    top, left, right = int(ys.min()) * f, int(xs.min()) * f, int(xs.max() + 1) * f
     legend = (20, 20, 20 + w // 5, 20 + h // 8)  # x0, y0, x1, y1
     mini = img.resize((w // 4, h // 4))
     ImageDraw.Draw(mini).ellipse([w // 16, h // 16, w // 6, h // 6], outline=(0, 200, 0), width=3)
@@ -126,7 +127,7 @@ def main() -> None:
     source = image
     with tempfile.TemporaryDirectory() as tmp:
         if args.add_inset:
-            image = with_inset(source, Path(tmp) / f"{args.sample}_inset.png")
+            image = with_inset(source, Path(tmp) / f"{args.sample}_inset.png", pixel_size)
         out_dir = args.workdir or Path(tmp) / "slide"
         t0 = time.perf_counter()
         result = predict_slide(
