@@ -92,7 +92,7 @@ def test_green_pen_on_the_glass_is_left_out() -> None:
     assert mask[np.hypot(xx - cx, yy - cy) < r - 2].mean() > 0.99
 
 
-def test_the_largest_object_is_never_a_panel_and_nothing_is_emptied(caplog) -> None:
+def test_the_largest_object_is_never_dropped(caplog) -> None:
     rng = np.random.default_rng(0)
     img = np.full((260, 400, 3), 245, np.uint8)
     img[40:160, 60:240] = (200, 110, 170)  # one rectangular piece of tissue (e.g. a cropped region), plain
@@ -101,12 +101,15 @@ def test_the_largest_object_is_never_a_panel_and_nothing_is_emptied(caplog) -> N
     mask = detect_tissue(img, 1.0, UM_PER_PX).mask
     assert mask[42:158, 62:238].all() and not mask[180:240, 10:70].any()  # (corners rounded by the median filter)
     assert mask[182:238, 302:358].all()  # a small piece of tissue cut square is not a panel
-    green = np.full((200, 300, 3), 245, np.uint8)
-    green[40:160, 60:240] = (30, 180, 60)  # only green objects: kept all, with a warning
-    green[10:70, 250:295] = (30, 180, 60)
+    green = np.full((200, 360, 3), 245, np.uint8)
+    green[40:160, 60:240] = (30, 180, 60)  # only green objects: the largest stays, the other (a disc) is ink
+    yy, xx = np.mgrid[0:200, 0:360]
+    disc = np.hypot(xx - 310, yy - 60) <= 30
+    green[disc] = (30, 180, 60)
     with caplog.at_level(logging.WARNING, logger="cmrcnet.data.tissue"):
         mask = detect_tissue(green, 1.0, UM_PER_PX).mask
-    assert mask[42:158, 62:238].all() and "keeping them all" in caplog.text
+    assert mask[42:158, 62:238].all() and not mask[disc].any()
+    assert "1 ink object(s)" in caplog.text
 
 
 def test_predict_slide_leaves_the_legend_out(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

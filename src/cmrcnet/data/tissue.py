@@ -22,12 +22,11 @@ Exports and scans can hold objects that pass these thresholds but are not tissue
 (a miniature of the slide in a frame), a label, or marker-pen ink on the glass. Two rules drop them, each logged:
 - a panel: an object that, with its holes filled, covers at least `panel_fill` of its bounding box (a rectangle;
   tissue outlines are irregular), whose pixels along the box edges are uniform (a plain frame or background, where
-  a piece of tissue cut square, as some exports mask it, shows texture) and which is not the largest object (the
-  main tissue is never dropped this way);
+  a piece of tissue cut square, as some exports mask it, shows texture);
 - ink: an object most of whose pixels have a colour no H&E stain gives (saturated yellow to green).
+The largest object is never dropped (the main tissue).
 The threshold is then computed again without the dropped objects (a white legend on a black background would
-otherwise raise the brightness threshold and cut pale tissue). A slide whose every object looks like a panel or
-ink keeps them all, with a warning. Limits: an object touching the tissue is part of it; a frame thinner than
+otherwise raise the brightness threshold and cut pale tissue). Limits: an object touching the tissue is part of it; a frame thinner than
 about 2 thumbnail pixels is lost to the median filter; on white glass a white or black frame is not detected at
 all, so a miniature of the slide there reads as a small piece of tissue.
 """
@@ -177,7 +176,7 @@ def detect_tissue(
         if dropped.any():
             raw, otsu, cut = _threshold(feature, floor, ignore=dropped)
             raw &= ~dropped
-            left_out = "left out {} ({:.1f}% of the slide) as not H&E tissue (--keep-all-objects keeps them)".format(
+            left_out = "left out {} ({:.1f}% of the slide) as not H&E tissue (predict-slide --keep-all-objects keeps them)".format(
                 ", ".join(f"{n} {kind}" for kind, n in counts.items() if n), 100.0 * float(dropped.mean())
             )
             logger.warning("tissue: %s", left_out)
@@ -229,7 +228,7 @@ def non_tissue_objects(
     """(pixels of the objects of `mask` that are panels or ink (module docstring), {"panel(s)": n, "ink
     object(s)": n}). Objects are 8-connected with their holes filled, so a framed inset drops with its contents;
     objects smaller than `min_px` with their holes filled are dust, left to the dust removal (not counted here).
-    Nothing is dropped when that would leave no tissue."""
+    The largest object is never dropped, so some tissue always remains."""
     none = np.zeros_like(mask)
     filled = ndimage.binary_fill_holes(mask)
     labels, n = ndimage.label(filled, structure=_EIGHT_CONNECTED)
@@ -243,16 +242,12 @@ def non_tissue_objects(
     kind = np.zeros(n + 1, dtype=np.int8)  # 0 keep, 1 panel, 2 ink
     for i, box in enumerate(ndimage.find_objects(labels), start=1):
         h, w = box[0].stop - box[0].start, box[1].stop - box[1].start
-        if sizes[i] < min_px:
+        if sizes[i] < min_px or i == largest:
             continue
-        rectangle = min(h, w) >= cfg.panel_min_px and sizes[i] >= cfg.panel_fill * h * w
-        if i != largest and rectangle and _plain_border(thumb[box]):
+        if min(h, w) >= cfg.panel_min_px and sizes[i] >= cfg.panel_fill * h * w and _plain_border(thumb[box]):
             kind[i] = 1
         elif ink_px[i] > 0.5 * tissue_px[i]:
             kind[i] = 2
-    if (kind[1:] > 0).all():
-        logger.warning("tissue: every object looks like a panel or ink; keeping them all")
-        return none, {}
     return kind[labels] > 0, {"panel(s)": int((kind == 1).sum()), "ink object(s)": int((kind == 2).sum())}
 
 
