@@ -118,11 +118,17 @@ def derived_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict],
     return out
 
 
+# derived-row suffix -> stain normalisation rule (cmrcnet.data.stain): "+stain" is Reinhard as published (the
+# default of `predict` until the "contrast" rule replaced it), "+cstain" the "contrast" rule `predict` now uses
+STAIN_SUFFIXES = {"+stain": "reinhard", "+cstain": "contrast"}
+
+
 def stain_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], variants: list[str],
                make_row) -> list[dict]:
-    """`<method>+stain` rows on every patient-level fold: test patches colour-normalised (slide-level Reinhard,
-    cmrcnet.data.stain) to the fold's training patches before prediction; baselines likewise. Each also gets
-    `<method>+stain+smooth` (what `predict` gives by default: stain normalisation, then smoothing)."""
+    """`<method>+stain` and `<method>+cstain` rows on every patient-level fold: test patches colour-normalised
+    (slide level, cmrcnet.data.stain; rules in `STAIN_SUFFIXES`) to the fold's training patches before
+    prediction; baselines likewise. Each also gets `...+smooth` (what `predict` gives by default: stain
+    normalisation, then smoothing)."""
     from cmrcnet.data.stain import lab_stats
 
     from .main import baseline_predictions
@@ -140,13 +146,15 @@ def stain_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], v
         for r in [r for r in mine if isinstance(r["seed"], int)]:
             suffix = _base(r["method"])[1]
             rdir, trained, bank = _model_and_bank(work, ds, r, fold)
-            pred = predict_spots(trained, bank, ds, [r["test"]], None, k=r["k"], progress=False, stain_target=target,
-                                 smooth=0.0)
-            out.append(make_row(fold, r["test"], f"{r['method']}+stain", r["seed"],
-                                runner.evaluate_row(pred, ds, rdir / f"eval_{r['test']}{suffix}+stain"),
-                                k=r["k"], derived="test patches colour-normalised to the training patches"))
-            out.append(_smoothed_row(pred, f"{r['method']}+stain", r["seed"], fold, r["test"], ds,
-                                     rdir / f"eval_{r['test']}{suffix}+stain+smooth", make_row))
+            for tag, rule in STAIN_SUFFIXES.items():
+                pred = predict_spots(trained, bank, ds, [r["test"]], None, k=r["k"], progress=False,
+                                     stain_target=target, stain_rule=rule, smooth=0.0)
+                how = f"test patches colour-normalised to the training patches (rule {rule!r})"
+                out.append(make_row(fold, r["test"], f"{r['method']}{tag}", r["seed"],
+                                    runner.evaluate_row(pred, ds, rdir / f"eval_{r['test']}{suffix}{tag}"),
+                                    k=r["k"], derived=how))
+                out.append(_smoothed_row(pred, f"{r['method']}{tag}", r["seed"], fold, r["test"], ds,
+                                         rdir / f"eval_{r['test']}{suffix}{tag}+smooth", make_row))
         base = [r for r in mine if r["seed"] is None]
         if base:
             seed = min(r["seed"] for r in mine if isinstance(r["seed"], int))
@@ -154,15 +162,18 @@ def stain_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], v
                     for t in fold["tests"]}
             train = load_spot_table(runner.PreparedDataset(ds), fold["train"], refs[fold["tests"][0]].var_names.tolist(),
                                     img_size=224, target_sum=1e4, progress=False)
-            for (test, method), (pred, info) in baseline_predictions(
-                    fold, train, refs, variants, seed, work / "runs" / name, ds, stain_target=target).items():
-                if method == "mean":
-                    continue
-                out.append(make_row(fold, test, f"{method}+stain", None,
-                                    runner.evaluate_row(pred, ds, work / "runs" / name / f"eval_{method}_{test}+stain"),
-                                    k=info.get("k"), derived="test patches colour-normalised to the training patches"))
-                out.append(_smoothed_row(pred, f"{method}+stain", None, fold, test, ds,
-                                         work / "runs" / name / f"eval_{method}_{test}+stain+smooth", make_row))
+            for tag, rule in STAIN_SUFFIXES.items():
+                how = f"test patches colour-normalised to the training patches (rule {rule!r})"
+                for (test, method), (pred, info) in baseline_predictions(
+                        fold, train, refs, variants, seed, work / "runs" / name, ds, stain_target=target,
+                        stain_rule=rule).items():
+                    if method == "mean":
+                        continue
+                    out.append(make_row(fold, test, f"{method}{tag}", None,
+                                        runner.evaluate_row(pred, ds, work / "runs" / name / f"eval_{method}_{test}{tag}"),
+                                        k=info.get("k"), derived=how))
+                    out.append(_smoothed_row(pred, f"{method}{tag}", None, fold, test, ds,
+                                             work / "runs" / name / f"eval_{method}_{test}{tag}+smooth", make_row))
     return out
 
 

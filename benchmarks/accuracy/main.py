@@ -202,10 +202,10 @@ def run_fold(fold: dict, seed: int, variants: list[str], args, work: Path, ds: P
 
 
 def baseline_predictions(fold: dict, train, refs: dict, variants: list[str], seed: int, fold_dir: Path,
-                         ds: Path, stain_target=None) -> dict[tuple[str, str], tuple]:
+                         ds: Path, stain_target=None, stain_rule: str = "reinhard") -> dict[tuple[str, str], tuple]:
     """{(test, method): (prediction AnnData, info)} of mean, kNN on handcrafted features, and kNN + ridge on each
     frozen variant's features (training spots only; deterministic given the frozen encoder). `stain_target`:
-    test patches colour-normalised to it first (cmrcnet.data.stain)."""
+    test patches colour-normalised to it first, by `stain_rule` (cmrcnet.data.stain)."""
     from cmrcnet.data.stain import normalise_to
 
     data = runner.PreparedDataset(ds)
@@ -213,7 +213,7 @@ def baseline_predictions(fold: dict, train, refs: dict, variants: list[str], see
              for t in refs}
     if stain_target is not None:
         for table in tests.values():
-            table.images[:] = torch.from_numpy(normalise_to(table.images.numpy(), stain_target))
+            table.images[:] = torch.from_numpy(normalise_to(table.images.numpy(), stain_target, rule=stain_rule))
     for t, table in tests.items():
         assert table.keys() == list(refs[t].obs_names), "spot order differs from the reference prediction"
     feats = {"handcrafted": (M.handcrafted(train), {t: M.handcrafted(x) for t, x in tests.items()})}

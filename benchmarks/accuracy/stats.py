@@ -41,16 +41,19 @@ def is_baseline(method: str) -> bool:
     return method.startswith(BASELINE_PREFIXES)
 
 
+MODIFIERS = ("+stain", "+cstain", "+smooth", "-ens", "+bank")  # derived-row suffixes (benchmarks/accuracy/derived.py)
+
+
 def split_name(method: str) -> tuple[str, str, str]:
     """("cmrcnet", "ssl+hc", "+bank-ens+smooth") from "cmrcnet-ssl+hc+bank-ens+smooth"."""
     head, _, rest = method.partition("-")
     mods = ""
-    for mod in ("+stain", "+smooth", "-ens", "+bank"):
-        if rest.endswith(mod):
-            rest, mods = rest[: -len(mod)], mod + mods
-    for mod in ("+stain", "+smooth", "-ens", "+bank"):  # a second pass for combinations
-        if rest.endswith(mod):
-            rest, mods = rest[: -len(mod)], mod + mods
+    stripped = True
+    while stripped:  # modifiers come in any order and combination
+        stripped = False
+        for mod in MODIFIERS:
+            if rest.endswith(mod):
+                rest, mods, stripped = rest[: -len(mod)], mod + mods, True
     return head, rest, mods
 
 
@@ -58,7 +61,7 @@ def comparable(method: str, base: str) -> bool:
     """Whether `base` is a like-for-like baseline of `method`: the same smoothing and stain treatment, and for
     the trained baselines also the same seed ensembling (bleep, regression) and bank (bleep; kNN, ridge and
     mean have neither, regression has no bank)."""
-    keys = ["+smooth", "+stain"]
+    keys = ["+smooth", "+stain", "+cstain"]
     if base.startswith(("bleep", "regression")):
         keys.append("-ens")
     if base.startswith("bleep"):

@@ -1,4 +1,4 @@
-"""Slide-level Reinhard colour normalisation (cmrcnet.data.stain)."""
+"""Slide-level colour normalisation (cmrcnet.data.stain): the "contrast" rule (default) and Reinhard."""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ import numpy as np
 import pytest
 
 from cmrcnet.data.stain import (
+    COLOUR_CAST,
     LabStats,
+    colour_cast,
+    describe,
     lab_stats,
     load_stain_reference,
     normalise_table,
     normalise_to,
     reinhard,
     save_stain_reference,
+    slide_target,
 )
 from cmrcnet.errors import ConfigError, InputFileError
 
@@ -26,14 +30,44 @@ def _patches(rgb: tuple[int, int, int], seed: int, n: int = 6) -> np.ndarray:
     return np.clip(base + noise, 0, 255).astype(np.uint8)  # (n, 16, 16, 3) tissue-like colours
 
 
-def test_a_slide_is_mapped_onto_the_target_statistics() -> None:
+def test_reinhard_maps_a_slide_onto_the_target_statistics() -> None:
     target = lab_stats(_patches((200, 120, 170), seed=0))  # pink H&E-like
     source = _patches((120, 150, 190), seed=1)  # bluish, another stain balance
-    out = normalise_to(source, target)
+    out = normalise_to(source, target, rule="reinhard")
     assert out.dtype == np.uint8 and out.shape == source.shape
     got = lab_stats(out)
     np.testing.assert_allclose(got.mean, target.mean, atol=2.0)
     np.testing.assert_allclose(got.std, target.std, rtol=0.15, atol=1.5)
+
+
+def test_the_contrast_rule_corrects_a_colour_cast_but_keeps_the_lightness() -> None:
+    target = lab_stats(_patches((200, 120, 170), seed=0))
+    source = _patches((160, 185, 225), seed=1)  # pale and bluish: a cast far above COLOUR_CAST
+    before = lab_stats(source)
+    assert colour_cast(before, target) > 2 * COLOUR_CAST
+    got = lab_stats(normalise_to(source, target))  # the default rule
+    assert got.mean[0] == pytest.approx(before.mean[0], abs=2.0)  # lightness kept
+    assert abs(got.mean[0] - target.mean[0]) > 10
+    np.testing.assert_allclose(got.mean[1:], target.mean[1:], atol=2.0)  # colour cast corrected
+    np.testing.assert_allclose(got.std, target.std, rtol=0.15, atol=1.5)  # contrast matched
+    assert "corrected" in describe(before, target, "contrast")
+
+
+def test_the_contrast_rule_keeps_a_small_colour_difference() -> None:
+    """Sections of one study differ by a few units of colour (her2st: 2.8-4.3); that is tissue, not a cast."""
+    target = lab_stats(_patches((200, 120, 170), seed=0))
+    source = _patches((185, 112, 168), seed=4)  # a little darker and less red
+    before = lab_stats(source)
+    assert 1.0 < colour_cast(before, target) < COLOUR_CAST
+    got = lab_stats(normalise_to(source, target))
+    np.testing.assert_allclose(got.mean, before.mean, atol=1.5)  # lightness and colour kept
+    np.testing.assert_allclose(got.std, target.std, rtol=0.15, atol=1.5)
+    assert "kept" in describe(before, target, "contrast")
+    mapped = slide_target(before, target)
+    assert mapped.mean == [before.mean[0], *before.mean[1:]] and mapped.std == target.std
+    assert slide_target(before, target, rule="reinhard") is target
+    with pytest.raises(ConfigError, match="unknown stain normalisation rule"):
+        slide_target(before, target, rule="macenko")
 
 
 def test_a_table_is_mapped_sample_by_sample() -> None:
@@ -48,11 +82,12 @@ def test_a_table_is_mapped_sample_by_sample() -> None:
     images = torch.from_numpy(np.concatenate([a, b]))
     table = SpotTable(images.clone(), torch.zeros(12, 0), ["A"] * 6 + ["B"] * 6, [f"s{i}" for i in range(12)],
                       np.zeros((12, 2)))
-    normalise_table(table, target)
+    done = normalise_table(table, target, rule="reinhard")
+    assert list(done) == ["A", "B"]
     for rows, original in ((slice(0, 6), a), (slice(6, 12), b)):
         part = table.images[rows].numpy()
         np.testing.assert_allclose(lab_stats(part).mean, target.mean, atol=2.0)
-        np.testing.assert_array_equal(part, normalise_to(original, target))  # the sample's own statistics
+        np.testing.assert_array_equal(part, normalise_to(original, target, rule="reinhard"))  # own statistics
     assert lab_stats(a).mean[2] < lab_stats(b).mean[2] - 5  # the two really differed before
 
 

@@ -97,7 +97,7 @@ def test_loso_two_methods_summary(loso: Path) -> None:
             assert metrics["protocol_id"] == "strict" and metrics["test_samples"] == [fold]
             assert fold not in metrics["prediction"]["train_samples"]
             stain = ad.read_h5ad(run / "pred.h5ad").uns["cmrcnet"]["stain_normalisation"]
-            assert stain.startswith("Reinhard") == DEFAULT_STAIN_NORMALISE  # predict's default
+            assert (stain != "none") == DEFAULT_STAIN_NORMALISE  # predict's default
 
     summary = json.loads((loso / "summary.json").read_text())
     assert summary["methods"] == LOSO_METHODS and summary["protocol"] == "strict protocol"

@@ -18,7 +18,7 @@ from cmrcnet.constants import CMRCNET_UNS, DEFAULT_SMOOTH, DEFAULT_STAIN_NORMALI
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.hdf5 import write_h5ad
 from cmrcnet.data.spots import load_spot_table
-from cmrcnet.data.stain import LabStats, load_stain_reference, normalise_table
+from cmrcnet.data.stain import DEFAULT_STAIN_RULE, LabStats, check_rule, load_stain_reference, normalise_table
 from cmrcnet.errors import ConfigError
 from cmrcnet.inference.bank import Bank, load_bank
 from cmrcnet.inference.confidence import (
@@ -201,13 +201,15 @@ def predict_samples(
     device: str = "cpu",
     progress: bool = True,
     stain_normalise: bool | None = None,
+    stain_rule: str = DEFAULT_STAIN_RULE,
     smooth: float = DEFAULT_SMOOTH,
 ) -> ad.AnnData:
     """Predict log1p expression for every spot of `samples`; write PRED.h5ad atomically when `out_path` is given.
 
     `precision`: "auto" (default; measured, see `cmrcnet.runtime.resolve_precision`), "fp32", "bf16" or "fp16".
     `stain_normalise`: map each sample's colours onto the run's training patches first (`resolve_stain_target`;
-    None: the default, `cmrcnet.constants.DEFAULT_STAIN_NORMALISE`).
+    None: the default, `cmrcnet.constants.DEFAULT_STAIN_NORMALISE`), by `stain_rule` (`cmrcnet.data.stain`:
+    "contrast", the default, or "reinhard").
     """
     trained = load_trained_model(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device)
     bank = None if trained.model_config.method == "regression" else load_bank(run_dir, trained)
@@ -224,11 +226,18 @@ def predict_samples(
         precision=precision,
         progress=progress,
         stain_target=resolve_stain_target(trained, stain_normalise),
+        stain_rule=stain_rule,
         smooth=smooth,
     )
 
 
-STAIN_NOTE = "Reinhard (L*a*b*, slide-level statistics) onto the training patches' colours; black background white"
+def stain_note(rule: str, done: dict[str, str]) -> str:
+    """Provenance of the stain normalisation: the rule and, per sample, what it did (`stain.describe`)."""
+    per = "; ".join(f"{sid}: {line}" for sid, line in done.items())
+    return (
+        f"rule {rule!r} (L*a*b*, slide-level statistics) onto the training patches' colours; black background white"
+        + (f"; {per}" if per else "")
+    )
 
 
 def run_stain_target(trained: TrainedModel) -> LabStats:
@@ -280,12 +289,14 @@ def predict_spots(
     precision: str = "auto",
     progress: bool = True,
     stain_target: LabStats | None = None,
+    stain_rule: str = DEFAULT_STAIN_RULE,
     smooth: float = DEFAULT_SMOOTH,
 ) -> ad.AnnData:
     """`predict_samples` for a model already loaded (and its bank; None for the regression method).
 
-    `stain_target`: colour statistics to map each sample's patches onto before embedding (slide-level Reinhard,
-    `cmrcnet.data.stain`), e.g. those of the training patches for a slide from another scanner; None: as is.
+    `stain_target`: colour statistics to map each sample's patches onto before embedding (slide-level, by
+    `stain_rule`; `cmrcnet.data.stain`), e.g. those of the training patches for a slide from another scanner;
+    None: as is.
     `smooth`: weight of the neighbouring spots' predictions (`cmrcnet.inference.smoothing`; default 0.5,
     measured in benchmarks/results/her2st_accuracy.md; 0: none).
 
@@ -295,6 +306,7 @@ def predict_spots(
     "confidence_reference" (its quantiles) and "fraction_below_reference_p5".
     """
     check_weight(smooth)  # before the (long) prediction
+    check_rule(stain_rule)
     device = next(trained.model.parameters()).device
     choice = resolve_precision(precision, device)
     dataset = PreparedDataset(data_dir)
@@ -318,9 +330,11 @@ def predict_spots(
         target_sum=rcfg.genes.target_sum,
         progress=progress,
     )
+    stained = {}
     if stain_target is not None:
-        normalise_table(table, stain_target)
-        logger.info("patches colour-normalised (Reinhard, slide level) to the stain target")
+        stained = normalise_table(table, stain_target, rule=stain_rule)
+        for sid, line in stained.items():
+            logger.info("%s: patches colour-normalised to the stain target (%s)", sid, line)
     emb = embed_patches(
         trained,
         table.images,
@@ -367,7 +381,9 @@ def predict_spots(
         "data_dir": str(dataset.root.resolve()),
         **confidence_provenance(conf, reference, k=k),
     }
-    adata.uns[CMRCNET_UNS]["stain_normalisation"] = STAIN_NOTE if stain_target is not None else "none"
+    adata.uns[CMRCNET_UNS]["stain_normalisation"] = (
+        stain_note(stain_rule, stained) if stain_target is not None else "none"
+    )
     adata.uns[CMRCNET_UNS]["smoothing_weight"] = float(smooth)
     _add_tissue_images(adata, dataset, samples)
     if out_path is not None:

@@ -39,7 +39,7 @@ from cmrcnet.atomic import write_json
 from cmrcnet.constants import CMRCNET_UNS, DEFAULT_SMOOTH, SAMPLE_KEY, SPATIAL_KEY
 from cmrcnet.data.markers import default_markers, default_tumour_markers
 from cmrcnet.data.slide_reader import SlideReader, open_slide
-from cmrcnet.data.stain import LabStats, lab_stats
+from cmrcnet.data.stain import DEFAULT_STAIN_RULE, LabStats, check_rule, describe, lab_stats, slide_target
 from cmrcnet.data.tissue import TissueConfig
 from cmrcnet.errors import CmrcnetError, ConfigError
 from cmrcnet.inference.bank import load_bank
@@ -52,7 +52,7 @@ from cmrcnet.inference.confidence import (
 )
 from cmrcnet.inference.export import SPATIAL_UNS, spatial_library
 from cmrcnet.inference.kchoice import resolve_k
-from cmrcnet.inference.predict import STAIN_NOTE, prediction_provenance, resolve_stain_target
+from cmrcnet.inference.predict import prediction_provenance, resolve_stain_target, stain_note
 from cmrcnet.inference.slide_outputs import (
     CONFIDENCE_MAP_FILE,
     HEATMAP_PREFIX,
@@ -123,12 +123,15 @@ def default_map_genes(genes: Sequence[str]) -> list[str]:
 
 
 def _slide_stain(
-    trained: TrainedModel, layout: SlideLayout, stain_normalise: bool | None
-) -> tuple[LabStats, LabStats] | None:
-    """(the slide's colour statistics over its thumbnail's tissue pixels, the training patches'), or None
-    without stain normalisation (`resolve_stain_target`)."""
+    trained: TrainedModel, layout: SlideLayout, stain_normalise: bool | None, rule: str
+) -> tuple[tuple[LabStats, LabStats], str] | None:
+    """((the slide's colour statistics over its thumbnail's tissue pixels, what `rule` maps them onto), a line on
+    what was done), or None without stain normalisation (`resolve_stain_target`)."""
     target = resolve_stain_target(trained, stain_normalise)
-    return None if target is None else (lab_stats(layout.thumb[layout.mask.mask]), target)
+    if target is None:
+        return None
+    source = lab_stats(layout.thumb[layout.mask.mask])
+    return (source, slide_target(source, target, rule=rule)), describe(source, target, rule)
 
 
 def predict_slide(
@@ -153,6 +156,7 @@ def predict_slide(
     plots: bool = True,
     progress: bool = True,
     stain_normalise: bool | None = None,
+    stain_rule: str = DEFAULT_STAIN_RULE,
     smooth: float = DEFAULT_SMOOTH,
 ) -> SlidePrediction:
     """Predict log1p expression for every tissue tile of `slide` and write the outputs into `out_dir`.
@@ -177,14 +181,17 @@ def predict_slide(
         reader: slide back end ("auto", "openslide", "tifffile", "pillow").
         plots: draw the heatmap, score and confidence PNGs.
         stain_normalise: map the slide's colours onto the run's training patches before prediction
-            (slide-level Reinhard, `cmrcnet.data.stain`; the slide's statistics come from the tissue pixels of
-            its thumbnail; black background made white). None: the default,
+            (slide-level, `cmrcnet.data.stain`; the slide's statistics come from the tissue pixels of its
+            thumbnail; black background made white). None: the default,
             `cmrcnet.constants.DEFAULT_STAIN_NORMALISE` (runs without a stain reference skip it).
+        stain_rule: "contrast" (default: spreads matched, lightness kept, a colour cast corrected) or
+            "reinhard" (means and spreads matched); `cmrcnet.data.stain`.
         smooth: weight of the neighbouring tiles' predictions in each tile's (`cmrcnet.inference.smoothing`;
             default 0.5, measured on held-out patients; 0: none). The tumour score is computed after it.
     """
     t_start = time.perf_counter()
     _check_options(batch_size=batch_size, min_tissue=min_tissue, step_um=step_um, smooth=smooth)
+    check_rule(stain_rule)
     out_dir = Path(out_dir)
     choice = resolve_precision(precision, device)
     trained = load_trained_model(run_dir, device=device)
@@ -206,7 +213,10 @@ def predict_slide(
         )
         _log_layout(sample_id, layout, slide_reader)
         resolution_warning = _resolution_note(trained, layout)
-        stain = _slide_stain(trained, layout, stain_normalise)
+        stained = _slide_stain(trained, layout, stain_normalise, stain_rule)
+        stain = None if stained is None else stained[0]
+        if stained is not None:
+            logger.info("%s: tiles colour-normalised to the run's stain reference (%s)", sample_id, stained[1])
         t_pred = time.perf_counter()
         preds, conf = predict_tiles(
             trained,
@@ -256,7 +266,7 @@ def predict_slide(
         **confidence_provenance(conf, reference, k=k),
         "tumour_markers": used_markers,
         "tumour_threshold": float("nan") if threshold is None else float(threshold),
-        "stain_normalisation": STAIN_NOTE if stain is not None else "none",
+        "stain_normalisation": "none" if stained is None else stain_note(stain_rule, {sample_id: stained[1]}),
         "black_background": layout.mask.feature == "brightness",
         "smoothing_weight": float(smooth),
     }

@@ -228,9 +228,9 @@ def _normalise_training_stain(dataset, train_samples: list[str], table: SpotTabl
     from cmrcnet.data.stain import normalise_table, training_stain_reference
 
     target = training_stain_reference(dataset, list(dict.fromkeys(train_samples)))
-    normalise_table(table, target)
-    logger.info("training patches colour-normalised (Reinhard, slide level) to the training samples' pooled "
-                "statistics: L*a*b* mean %s", [round(v, 1) for v in target.mean])
+    for sid, line in normalise_table(table, target).items():
+        logger.info("%s: training patches colour-normalised to the training samples' pooled statistics (%s)",
+                    sid, line)
 
 
 def _split_validation(table: SpotTable, config: RunConfig) -> tuple[SpotTable, SpotTable]:
