@@ -92,11 +92,16 @@ def main(argv: list[str] | None = None) -> int:
         write_results(stem, rec)
         return 0
     if args.derive:
+        t_derive = time.time()
         rec = results.read_record(args.derive)
         rows = [r for r in rec["runs"] if not r.get("derived")]
         work = args.work / ("quick" if rec["quick"] else "full")
         folds = {f["name"]: f for f in rec["folds"]}
         rec["runs"] = rows + derived.derived_rows(work, work / "ds", rows, folds, list(rec["variants"]), _row)
+        # the derived rows are this command's, not the trained runs' (whose command and commit the record keeps)
+        rec["derived_by"] = {"command": " ".join(["python", "benchmarks/her2st_accuracy.py", *map(shlex.quote, sys.argv[1:])]),
+                             "commit": git_commit(), "src_uncommitted_changes": runner.git_dirty(),
+                             "machine": machine_info(), "wall_seconds": round(time.time() - t_derive, 1)}
         rec["summary"] = stats.summarise(rec["runs"])
         write_results(stem, rec)
         return 0

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cmrcnet.constants import DEFAULT_SMOOTH
+from cmrcnet.data.stain import DEFAULT_STAIN_RULE
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -165,6 +166,7 @@ class Model:
         precision: str = "auto",
         progress: bool = True,
         stain_normalise: bool | None = None,
+        stain_rule: str = DEFAULT_STAIN_RULE,
         smooth: float = DEFAULT_SMOOTH,
     ) -> ad.AnnData:
         """Predict every spot of prepared `samples` (a sample never retrieves its own bank spots).
@@ -185,10 +187,13 @@ class Model:
         precision
             "auto" (measured per machine), "fp32", "bf16" or "fp16".
         stain_normalise
-            Map each sample's colours onto the run's training patches first (slide-level Reinhard,
-            `cmrcnet.data.stain`; for slides from another scanner or lab); recorded in
-            ``uns["cmrcnet"]["stain_normalisation"]``. None (default): `cmrcnet.constants.DEFAULT_STAIN_NORMALISE`,
-            skipped with a log line for runs made before stain references existed.
+            Map each sample's colours onto the run's training patches first (slide level, `cmrcnet.data.stain`;
+            for slides from another scanner or lab); recorded in ``uns["cmrcnet"]["stain_normalisation"]``. None
+            (default): `cmrcnet.constants.DEFAULT_STAIN_NORMALISE`, skipped with a log line for runs made before
+            stain references existed.
+        stain_rule
+            "contrast" (default: the spread of L*a*b* matched, the slide's lightness kept, its mean colour
+            corrected only for a colour cast) or "reinhard" (means and spreads matched).
         smooth
             Average each spot's prediction with its neighbours' (weight of the neighbours' mean, 0-1;
             `cmrcnet.inference.smoothing`, predictions only, never measured expression). Default 0.5: it
@@ -220,6 +225,7 @@ class Model:
             precision=precision,
             progress=progress,
             stain_target=resolve_stain_target(self.trained, stain_normalise),
+            stain_rule=stain_rule,
             smooth=smooth,
         )
 
@@ -396,7 +402,8 @@ def predict_slide(
         ``pixel_size_um`` (required without slide metadata), ``step_um``, ``genes``, ``markers``,
         ``threshold``, ``batch_size``, ``precision``, ``device``, ``k``, ``weighting``, ``sample_id``,
         ``min_tissue``, ``tissue`` (a `cmrcnet.data.tissue.TissueConfig`; ``TissueConfig(drop_non_tissue=False)``
-        keeps legends, insets and pen ink as tissue), ``reader``, ``plots``, ``progress``
+        keeps legends, insets and pen ink as tissue), ``reader``, ``plots``, ``progress``, ``stain_normalise``,
+        ``stain_rule`` ("contrast" or "reinhard"), ``smooth``
         (`cmrcnet.inference.slide.predict_slide`).
 
     Returns

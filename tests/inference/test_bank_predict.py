@@ -149,6 +149,14 @@ def test_stain_target_recolours_the_test_patches_before_embedding(trained: tuple
                         stain_target=LabStats([own.mean[0] * 0.6, own.mean[1] + 30, own.mean[2] - 30], own.std, 1))
     assert np.abs(np.asarray(same.X) - np.asarray(plain.X)).mean() < np.abs(np.asarray(far.X) - np.asarray(plain.X)).mean()
     assert not np.allclose(np.asarray(far.X), np.asarray(plain.X))
+    # a target that is only darker: the default "contrast" rule keeps the slide's lightness, "reinhard" does not
+    darker = LabStats([own.mean[0] * 0.6, *own.mean[1:]], own.std, 1)
+    kept = predict_spots(model, bank, ds, ["synS3"], progress=False, precision="fp32", stain_target=darker)
+    moved = predict_spots(model, bank, ds, ["synS3"], progress=False, precision="fp32", stain_target=darker,
+                          stain_rule="reinhard")
+    np.testing.assert_array_equal(np.asarray(kept.X), np.asarray(same.X))
+    assert not np.allclose(np.asarray(moved.X), np.asarray(same.X))
+    assert "rule 'reinhard'" in moved.uns["cmrcnet"]["stain_normalisation"]
 
 
 def test_smooth_averages_each_spot_with_its_neighbours(trained: tuple[Path, Path], tmp_path: Path) -> None:

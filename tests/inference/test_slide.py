@@ -332,10 +332,16 @@ def test_stain_normalise_maps_a_recoloured_slide_back(
     assert _predict(run, path, plain, "--no-stain-normalise") == 0
     assert _predict(run, path, normed, "--stain-normalise") == 0
     assert _predict(run, path, default) == 0
+    assert _predict(run, path, tmp_path / "reinhard", "--stain-normalise", "--stain-rule", "reinhard") == 0
     a, b = ad.read_h5ad(plain / "prediction.h5ad"), ad.read_h5ad(normed / "prediction.h5ad")
+    r = ad.read_h5ad(tmp_path / "reinhard" / "prediction.h5ad")
     assert a.uns["cmrcnet"]["stain_normalisation"] == "none"
+    # the default rule; the recolouring is a cast (far above COLOUR_CAST), so it is corrected
     assert b.uns["cmrcnet"]["stain_normalisation"].startswith("rule 'contrast'")
-    assert a.n_obs == b.n_obs and not np.allclose(a.X, b.X)
+    assert "colour cast" in b.uns["cmrcnet"]["stain_normalisation"]
+    assert "corrected" in b.uns["cmrcnet"]["stain_normalisation"]
+    assert r.uns["cmrcnet"]["stain_normalisation"].startswith("rule 'reinhard'")
+    assert a.n_obs == b.n_obs == r.n_obs and not np.allclose(a.X, b.X) and not np.allclose(b.X, r.X)
     c = ad.read_h5ad(default / "prediction.h5ad")
     np.testing.assert_array_equal(c.X, (b if DEFAULT_STAIN_NORMALISE else a).X)
     # a run made before stain references existed

@@ -56,14 +56,23 @@ def _add_k(p: argparse.ArgumentParser) -> None:
 
 def _add_stain(p: argparse.ArgumentParser) -> None:
     from cmrcnet.constants import DEFAULT_STAIN_NORMALISE
+    from cmrcnet.data.stain import COLOUR_CAST, DEFAULT_STAIN_RULE, STAIN_RULES
 
     p.add_argument(
         "--stain-normalise",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="map each slide's colours onto the training patches' first (slide-level Reinhard; black background "
-        f"made white), for slides from another scanner or lab (default: {'on' if DEFAULT_STAIN_NORMALISE else 'off'}"
+        help="map each slide's colours onto the training patches' first (slide level; black background made "
+        f"white), for slides from another scanner or lab (default: {'on' if DEFAULT_STAIN_NORMALISE else 'off'}"
         ", skipped for runs without a stain reference; measured in benchmarks/results/her2st_accuracy.md)",
+    )
+    p.add_argument(
+        "--stain-rule",
+        choices=STAIN_RULES,
+        default=DEFAULT_STAIN_RULE,
+        help="how --stain-normalise maps a slide: 'contrast' matches the spread of L*a*b*, keeps the slide's "
+        f"lightness and corrects its mean colour only for a cast above {COLOUR_CAST:g} units; 'reinhard' matches "
+        f"means and spreads (default: {DEFAULT_STAIN_RULE})",
     )
 
 
@@ -109,6 +118,7 @@ PARAM_TO_FLAG: dict[str, str] = {
     "seeds": "--seeds",
     "smooth": "--smooth",
     "stain_normalise": "--stain-normalise",
+    "stain_rule": "--stain-rule",
 }
 COMMAND_PARAM_TO_FLAG: dict[str, dict[str, str]] = {"train": {"run_dir": "--out"}}  # the run it writes
 

@@ -117,6 +117,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
         stain_normalise=args.stain_normalise,
+        stain_rule=args.stain_rule,
         smooth=args.smooth,
     )
     info = adata.uns["cmrcnet"]
@@ -225,6 +226,7 @@ def _run_cv(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         smooth=args.smooth,
         stain_normalise=args.stain_normalise,
+        stain_rule=args.stain_rule,
         command=" ".join(["cmrcnet", *sys.argv[1:]]),
     )
     print((result.out_dir / SUMMARY_MD).read_text(encoding="utf-8"))

@@ -82,6 +82,7 @@ def _slide_options(args: argparse.Namespace) -> dict:
         min_tissue=args.min_tissue,
         reader=args.reader,
         stain_normalise=args.stain_normalise,
+        stain_rule=args.stain_rule,  # always fingerprinted: slides done under the earlier default rule are redone
         smooth=args.smooth,
     )
 

@@ -37,6 +37,7 @@ from typing import Any
 from cmrcnet.atomic import write_json, write_text
 from cmrcnet.constants import DEFAULT_SMOOTH
 from cmrcnet.data.splits import Fold, describe_folds
+from cmrcnet.data.stain import DEFAULT_STAIN_RULE
 from cmrcnet.errors import ConfigError
 from cmrcnet.evaluation.evaluate import PROTOCOL_LABEL, evaluate_predictions
 from cmrcnet.inference.predict import predict_samples
@@ -118,6 +119,7 @@ def run_cv(
     command: str | None = None,
     smooth: float = DEFAULT_SMOOTH,
     stain_normalise: bool | None = None,
+    stain_rule: str = DEFAULT_STAIN_RULE,
 ) -> CvResult:
     """Cross-validate `methods` x `seeds` over the folds of `split`; write everything into `out_dir`.
 
@@ -139,7 +141,8 @@ def run_cv(
         smooth: weight of the neighbouring spots' predictions (`cmrcnet.inference.smoothing`; default 0.5,
             0: none).
         stain_normalise: map each held-out sample's colours onto its fold's training patches before
-            prediction (None: the default of predict, `cmrcnet.constants.DEFAULT_STAIN_NORMALISE`).
+            prediction (None: the default of predict, `cmrcnet.constants.DEFAULT_STAIN_NORMALISE`), by
+            `stain_rule` (`cmrcnet.data.stain`).
 
     Returns:
         CvResult with the summary dict written to summary.json.
@@ -181,6 +184,7 @@ def run_cv(
             command=command,
             smooth=smooth,
             stain_normalise=stain_normalise,
+            stain_rule=stain_rule,
         )
 
     summary = summarize_cv(
@@ -263,6 +267,7 @@ def _run_one(
     command: str | None,
     smooth: float = DEFAULT_SMOOTH,
     stain_normalise: bool | None = None,
+    stain_rule: str = DEFAULT_STAIN_RULE,
 ) -> None:
     """Train (or resume, or skip a finished training), predict the held-out samples, evaluate (metrics last)."""
     t0 = time.perf_counter()
@@ -294,6 +299,7 @@ def _run_one(
         progress=progress,
         smooth=smooth,
         stain_normalise=stain_normalise,
+        stain_rule=stain_rule,
     )
     t_pred = time.perf_counter() - t0 - t_train
     write_json(run.dir / TIMING_FILE, {"train_s": round(t_train, 3), "predict_s": round(t_pred, 3)})
