@@ -42,6 +42,7 @@ from cmrcnet.constants import DEFAULT_SMOOTH
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.data.genes import expression_matrix
 from cmrcnet.data.markers import BREAST_CANCER_MARKERS, BREAST_TUMOUR_MARKERS
+from cmrcnet.data.stain import DEFAULT_STAIN_RULE, STAIN_RULES
 from cmrcnet.data.tissue import TissueConfig, detect_tissue
 from cmrcnet.evaluation.localisation import match_points, tumour_score
 from cmrcnet.inference.slide import predict_slide
@@ -113,6 +114,8 @@ def main() -> None:
                     help=f"weight of the neighbouring tiles' predictions (default {DEFAULT_SMOOTH}, predict-slide's)")
     ap.add_argument("--stain-normalise", action=argparse.BooleanOptionalAction, default=None,
                     help="predict-slide's stain normalisation (default: predict-slide's default)")
+    ap.add_argument("--stain-rule", choices=STAIN_RULES, default=DEFAULT_STAIN_RULE,
+                    help=f"predict-slide's --stain-rule (default {DEFAULT_STAIN_RULE})")
     ap.add_argument("--add-inset", action="store_true",
                     help="paste an annotation legend and a framed miniature of the slide onto a copy of the image")
     ap.add_argument("--keep-all-objects", action="store_true", help="predict-slide's --keep-all-objects")
@@ -144,6 +147,7 @@ def main() -> None:
             progress=True,
             smooth=args.smooth,
             stain_normalise=args.stain_normalise,
+            stain_rule=args.stain_rule,
             k=args.k,
             **({"tissue": TissueConfig(drop_non_tissue=False)} if args.keep_all_objects else {}),
         )
