@@ -53,11 +53,19 @@ def _parts(rec: dict) -> list[dict]:
         return [{**stats.cpu_record(p.get("cpu")), **p} for p in rec["parts"]]
     machine = rec["machine"]
     measured = {k: machine[k] for k in ("cpu_flags", "torch_cpu_capability") if k in machine}
-    return [{"command": rec["command"], "commit": rec.get("commit"), "cpu": machine.get("cpu_line"),
-             **(measured or stats.cpu_record(machine.get("cpu_line"))),
-             "device": rec.get("device", "cpu"), "gpu": rec.get("gpu"),
-             "wall_seconds": rec.get("wall_seconds_sum_of_parts", rec.get("wall_seconds")),
-             "variants": sorted(rec.get("variants", {}))}]
+    parts = [{"command": rec["command"], "commit": rec.get("commit"), "cpu": machine.get("cpu_line"),
+              **(measured or stats.cpu_record(machine.get("cpu_line"))),
+              "device": rec.get("device", "cpu"), "gpu": rec.get("gpu"),
+              "wall_seconds": rec.get("wall_seconds_sum_of_parts", rec.get("wall_seconds")),
+              "variants": sorted(rec.get("variants", {}))}]
+    if rec.get("derived_by"):  # the derived rows (smoothing, stain, ensembles) were made again by --derive
+        d = rec["derived_by"]
+        dm = d["machine"]
+        parts.append({"command": d["command"], "commit": d["commit"], "cpu": dm.get("cpu_line"),
+                      **{k: dm[k] for k in ("cpu_flags", "torch_cpu_capability") if k in dm},
+                      "device": "cpu", "gpu": None, "wall_seconds": d["wall_seconds"],
+                      "variants": sorted(rec.get("variants", {})), "derived_rows_only": True})
+    return parts
 
 
 def _gpu_name(device: str) -> str | None:

@@ -35,14 +35,14 @@ SPOT_DIAMETER_UM = {"st": 100.0, "visium": 55.0}
 # one; 0 turns it off.
 DEFAULT_SMOOTH = 0.5
 
-# Slide-level stain normalisation (cmrcnet.data.stain: Reinhard onto the run's training patches' colours) before
-# prediction, the default of predict, predict-slide(s) and cv where the run holds its stain reference
-# (stain_reference.json; runs made before it existed predict without, with a log line). For the default
-# `cmrcnet train` model (60 epochs) on held-out her2st patients (benchmarks/results/her2st_accuracy.md, rows
-# cmrcnet-cpu60+smooth -> cmrcnet-cpu60+stain+smooth, 3 seeds) it raised HEG-50 PCC on B4, whose stain differs
-# from the training patient's, from 0.072 to 0.159 and on the B4 copy degraded to another scanner from 0.063 to
-# 0.115, but lowered C2-C6 predicted from B4 (0.022 -> -0.011), so over the six sections 0.030 -> 0.017. It
-# hurts kNN on handcrafted colour features; --no-stain-normalise turns it off for slides stained like training.
+# Slide-level stain normalisation (cmrcnet.data.stain, by its default "contrast" rule: spreads matched, lightness
+# kept, mean colour moved only for a colour cast) onto the run's training patches' colours before prediction, the
+# default of predict, predict-slide(s) and cv where the run holds its stain reference (stain_reference.json; runs
+# made before it existed predict without, with a log line). For the default `cmrcnet train` model (60 epochs) on
+# held-out her2st patients (benchmarks/results/her2st_accuracy.md, rows cmrcnet-cpu60+smooth ->
+# cmrcnet-cpu60+cstain+smooth, 3 seeds) it raised HEG-50 PCC over the six sections from 0.030 to 0.053, on B4 from
+# 0.072 to 0.185 and on the B4 copy degraded to another scanner from 0.063 to 0.108. --no-stain-normalise turns it
+# off.
 DEFAULT_STAIN_NORMALISE = True
 
 # `cmrcnet bank build|add` (cmrcnet.workflows.bank): start the bank from the given samples, or add them to it

@@ -51,7 +51,7 @@ def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument(
         "--stain-normalise", action=argparse.BooleanOptionalAction, default=None,
         help="map each training sample's colours onto the training samples' pooled colour statistics before "
-        "training (slide-level Reinhard), as prediction maps a new slide's (default: the preset's, off in all; it "
+        "training (slide level, by predict's default --stain-rule), as prediction maps a new slide's (default: the preset's, off in all; it "
         "did worse on held-out patients, benchmarks/results/her2st_accuracy.md)",
     )
     p.add_argument("--genes", choices=GENE_MODES, help="gene selection protocol (default strict)")

@@ -42,8 +42,8 @@ class TrainConfig:
     color_jitter: float = 0.0  # strength of random per-channel scale/shift in [0, 1] colour space (0: off)
     stain_jitter: float = 0.0  # strength of random per-channel optical-density scale/shift (0: off)
     scale_jitter: float = 1.0  # patches shrunk by up to this factor and resized back, as coarser scans (1: off)
-    # map each training sample's patches onto the training samples' pooled colour statistics (slide-level
-    # Reinhard, cmrcnet.data.stain), as prediction maps a new slide's; the validation spots of the confidence
+    # map each training sample's patches onto the training samples' pooled colour statistics (slide level, by
+    # cmrcnet.data.stain's default rule), as prediction maps a new slide's; the validation spots of the confidence
     # reference get the same mapping
     stain_normalise: bool = False
     max_grad_norm: float = 0.0  # gradient clipping norm (0: off)
