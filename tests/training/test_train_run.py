@@ -281,18 +281,24 @@ def test_stain_normalise_trains_on_normalised_sections(
 
     from cmrcnet.cli import main
     from cmrcnet.data import stain
-    from cmrcnet.data.stain import lab_stats, load_stain_reference
+    from cmrcnet.data.stain import lab_stats, load_stain_reference, slide_target
     from cmrcnet.inference import predict as predict_module
 
     calls: list[tuple[list[str], list[float]]] = []
     real = stain.normalise_table
 
-    def spy(table, target):
-        real(table, target)
+    def spy(table, target, **kw):
+        ids = np.asarray(table.sample_ids)
+        rows = {sid: torch.from_numpy(np.flatnonzero(ids == sid)) for sid in set(table.sample_ids)}
+        before = {sid: lab_stats(table.images[r].numpy()) for sid, r in rows.items()}
+        done = real(table, target, **kw)
         calls.append((sorted(set(table.sample_ids)), target.mean))
-        for sid in set(table.sample_ids):  # every sample now has the target's colours
-            rows = torch.from_numpy(np.flatnonzero(np.asarray(table.sample_ids) == sid))
-            np.testing.assert_allclose(lab_stats(table.images[rows].numpy()).mean, target.mean, atol=3.0)
+        for sid, r in rows.items():  # every sample now has the colours the default rule maps it onto
+            want = slide_target(before[sid], target)
+            got = lab_stats(table.images[r].numpy())
+            np.testing.assert_allclose(got.mean, want.mean, atol=3.0)
+            np.testing.assert_allclose(got.std, want.std, rtol=0.2, atol=2.0)
+        return done
 
     monkeypatch.setattr(stain, "normalise_table", spy)  # training (fit_run)
     monkeypatch.setattr(predict_module, "normalise_table", spy)  # k choice and confidence reference (as trained)
