@@ -131,7 +131,7 @@ def stain_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], v
     normalisation, then smoothing)."""
     from cmrcnet.data.stain import lab_stats
 
-    from .main import baseline_predictions
+    from .main import baseline_encoders, baseline_predictions
 
     out = []
     for name, fold in folds.items():
@@ -149,10 +149,9 @@ def stain_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], v
             for tag, rule in STAIN_SUFFIXES.items():
                 pred = predict_spots(trained, bank, ds, [r["test"]], None, k=r["k"], progress=False,
                                      stain_target=target, stain_rule=rule, smooth=0.0)
-                how = f"test patches colour-normalised to the training patches (rule {rule!r})"
                 out.append(make_row(fold, r["test"], f"{r['method']}{tag}", r["seed"],
                                     runner.evaluate_row(pred, ds, rdir / f"eval_{r['test']}{suffix}{tag}"),
-                                    k=r["k"], derived=how))
+                                    k=r["k"], derived=_stain_how(rule)))
                 out.append(_smoothed_row(pred, f"{r['method']}{tag}", r["seed"], fold, r["test"], ds,
                                          rdir / f"eval_{r['test']}{suffix}{tag}+smooth", make_row))
         base = [r for r in mine if r["seed"] is None]
@@ -162,19 +161,23 @@ def stain_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], v
                     for t in fold["tests"]}
             train = load_spot_table(runner.PreparedDataset(ds), fold["train"], refs[fold["tests"][0]].var_names.tolist(),
                                     img_size=224, target_sum=1e4, progress=False)
+            encoders = baseline_encoders(train, variants, seed, work / "runs" / name)  # once for both rules
             for tag, rule in STAIN_SUFFIXES.items():
-                how = f"test patches colour-normalised to the training patches (rule {rule!r})"
                 for (test, method), (pred, info) in baseline_predictions(
                         fold, train, refs, variants, seed, work / "runs" / name, ds, stain_target=target,
-                        stain_rule=rule).items():
+                        stain_rule=rule, encoders=encoders).items():
                     if method == "mean":
                         continue
                     out.append(make_row(fold, test, f"{method}{tag}", None,
                                         runner.evaluate_row(pred, ds, work / "runs" / name / f"eval_{method}_{test}{tag}"),
-                                        k=info.get("k"), derived=how))
+                                        k=info.get("k"), derived=_stain_how(rule)))
                     out.append(_smoothed_row(pred, f"{method}{tag}", None, fold, test, ds,
                                              work / "runs" / name / f"eval_{method}_{test}{tag}+smooth", make_row))
     return out
+
+
+def _stain_how(rule: str) -> str:
+    return f"test patches colour-normalised to the training patches (rule {rule!r})"
 
 
 def _smoothed_row(pred: ad.AnnData, method: str, seed, fold: dict, test: str, ds: Path, eval_dir: Path,

@@ -51,21 +51,23 @@ def _parts(rec: dict) -> list[dict]:
     commit, wall time, methods). Parts merged before the flags were kept get them from their cpu line."""
     if rec.get("parts"):
         return [{**stats.cpu_record(p.get("cpu")), **p} for p in rec["parts"]]
-    machine = rec["machine"]
-    measured = {k: machine[k] for k in ("cpu_flags", "torch_cpu_capability") if k in machine}
-    parts = [{"command": rec["command"], "commit": rec.get("commit"), "cpu": machine.get("cpu_line"),
-              **(measured or stats.cpu_record(machine.get("cpu_line"))),
-              "device": rec.get("device", "cpu"), "gpu": rec.get("gpu"),
-              "wall_seconds": rec.get("wall_seconds_sum_of_parts", rec.get("wall_seconds")),
-              "variants": sorted(rec.get("variants", {}))}]
+    variants = sorted(rec.get("variants", {}))
+    parts = [_part(rec["command"], rec.get("commit"), rec["machine"], rec.get("device", "cpu"), rec.get("gpu"),
+                   rec.get("wall_seconds_sum_of_parts", rec.get("wall_seconds")), variants)]
     if rec.get("derived_by"):  # the derived rows (smoothing, stain, ensembles) were made again by --derive
         d = rec["derived_by"]
-        dm = d["machine"]
-        parts.append({"command": d["command"], "commit": d["commit"], "cpu": dm.get("cpu_line"),
-                      **{k: dm[k] for k in ("cpu_flags", "torch_cpu_capability") if k in dm},
-                      "device": "cpu", "gpu": None, "wall_seconds": d["wall_seconds"],
-                      "variants": sorted(rec.get("variants", {})), "derived_rows_only": True})
+        parts.append({**_part(d["command"], d["commit"], d["machine"], "cpu", None, d["wall_seconds"], variants),
+                      "derived_rows_only": True})
     return parts
+
+
+def _part(command: str, commit: str | None, machine: dict, device: str, gpu: str | None, wall_seconds,
+          variants: list[str]) -> dict:
+    """One entry of a record's `parts`, with the CPU flags measured on `machine` (else read from its cpu line)."""
+    measured = {k: machine[k] for k in ("cpu_flags", "torch_cpu_capability") if k in machine}
+    return {"command": command, "commit": commit, "cpu": machine.get("cpu_line"),
+            **(measured or stats.cpu_record(machine.get("cpu_line"))),
+            "device": device, "gpu": gpu, "wall_seconds": wall_seconds, "variants": variants}
 
 
 def _gpu_name(device: str) -> str | None:
@@ -214,11 +216,25 @@ def run_fold(fold: dict, seed: int, variants: list[str], args, work: Path, ds: P
     return rows
 
 
+def baseline_encoders(train, variants: list[str], seed: int, fold_dir: Path) -> dict[str, tuple]:
+    """{feature set: (its frozen encoder, or None for the handcrafted features; the training spots' features)}:
+    what the baselines read on the training side, the same whatever is done to the test patches."""
+    encoders = {"handcrafted": (None, M.handcrafted(train))}
+    for name, source in M.FEATURE_SETS.items():
+        rdir = fold_dir / f"{source}-seed{seed}"
+        if source in variants and (rdir / "run.json").exists():
+            model = load_trained_model(rdir).model
+            encoders[name] = (model, M.frozen_features(model, train.images))
+    return encoders
+
+
 def baseline_predictions(fold: dict, train, refs: dict, variants: list[str], seed: int, fold_dir: Path,
-                         ds: Path, stain_target=None, stain_rule: str = "reinhard") -> dict[tuple[str, str], tuple]:
+                         ds: Path, stain_target=None, stain_rule: str = "reinhard",
+                         encoders: dict[str, tuple] | None = None) -> dict[tuple[str, str], tuple]:
     """{(test, method): (prediction AnnData, info)} of mean, kNN on handcrafted features, and kNN + ridge on each
     frozen variant's features (training spots only; deterministic given the frozen encoder). `stain_target`:
-    test patches colour-normalised to it first, by `stain_rule` (cmrcnet.data.stain)."""
+    test patches colour-normalised to it first, by `stain_rule` (cmrcnet.data.stain). `encoders`: those of
+    `baseline_encoders` when the caller already has them (several stain rules on one fold)."""
     from cmrcnet.data.stain import normalise_to
 
     data = runner.PreparedDataset(ds)
@@ -229,13 +245,11 @@ def baseline_predictions(fold: dict, train, refs: dict, variants: list[str], see
             table.images[:] = torch.from_numpy(normalise_to(table.images.numpy(), stain_target, rule=stain_rule))
     for t, table in tests.items():
         assert table.keys() == list(refs[t].obs_names), "spot order differs from the reference prediction"
-    feats = {"handcrafted": (M.handcrafted(train), {t: M.handcrafted(x) for t, x in tests.items()})}
-    for name, source in M.FEATURE_SETS.items():
-        rdir = fold_dir / f"{source}-seed{seed}"
-        if source in variants and (rdir / "run.json").exists():
-            model = load_trained_model(rdir).model
-            feats[name] = (M.frozen_features(model, train.images),
-                           {t: M.frozen_features(model, x.images) for t, x in tests.items()})
+    if encoders is None:
+        encoders = baseline_encoders(train, variants, seed, fold_dir)
+    feats = {name: (f_train, {t: M.handcrafted(x) if model is None else M.frozen_features(model, x.images)
+                              for t, x in tests.items()})
+             for name, (model, f_train) in encoders.items()}
     out = {}
     for test, ref in refs.items():
         preds = {"mean": (M.mean_prediction(train, ref.n_obs), {})}

@@ -142,11 +142,17 @@ def describe(source: LabStats, target: LabStats, rule: str) -> str:
     return f"contrast matched, lightness kept, colour cast {cast:.1f} {what}"
 
 
+def _normalise(images: np.ndarray, target: LabStats, rule: str) -> tuple[np.ndarray, str]:
+    """(`images` mapped from their own statistics onto `slide_target(..., target, rule=rule)`, the `describe`
+    line of what was done)."""
+    source = lab_stats(images)
+    return reinhard(images, source, slide_target(source, target, rule=rule)), describe(source, target, rule)
+
+
 def normalise_to(images: np.ndarray, target: LabStats, *, rule: str = DEFAULT_STAIN_RULE) -> np.ndarray:
     """Slide-level normalisation of `images` (all patches of one slide), from their own statistics onto
     `slide_target(their statistics, target, rule=rule)`."""
-    source = lab_stats(images)
-    return reinhard(images, source, slide_target(source, target, rule=rule))
+    return _normalise(images, target, rule)[0]
 
 
 def normalise_table(table, target: LabStats, *, rule: str = DEFAULT_STAIN_RULE) -> dict[str, str]:
@@ -159,10 +165,8 @@ def normalise_table(table, target: LabStats, *, rule: str = DEFAULT_STAIN_RULE) 
     done = {}
     for sid in dict.fromkeys(table.sample_ids):
         rows = torch.from_numpy(np.flatnonzero(ids == sid))
-        images = table.images[rows].numpy()
-        source = lab_stats(images)
-        table.images[rows] = torch.from_numpy(reinhard(images, source, slide_target(source, target, rule=rule)))
-        done[sid] = describe(source, target, rule)
+        mapped, done[sid] = _normalise(table.images[rows].numpy(), target, rule)
+        table.images[rows] = torch.from_numpy(mapped)
     return done
 
 
