@@ -241,3 +241,17 @@ def test_a_leaky_fold_is_refused() -> None:
         plan.check_no_leak(leaky)
     with pytest.raises(ValueError, match="test sections"):
         plan.check_no_leak({**leaky, "protocol": "within_patient", "extra_bank": [], "train": ["B4"]})
+
+
+def test_a_variant_with_its_own_field_of_view_reads_its_own_prepared_patches(tmp_path: Path) -> None:
+    from accuracy import runner
+
+    ds = tmp_path / "ds"
+    assert runner.variant_ds(ds, "cmrcnet-cpu60") == ds
+    ctx = runner.variant_ds(ds, "cmrcnet-cpu60-ctx224")
+    assert ctx == tmp_path / "ds_fov224" and ctx != ds
+    assert methods.VARIANTS["cmrcnet-cpu60-ctx224"].fov_um == 224.0
+    # the context variants differ from their 112 um twins in the field of view only
+    for name in ("cmrcnet-cpu60", "bleep-cpu60"):
+        a, b = methods.VARIANTS[name].__dict__, methods.VARIANTS[f"{name}-ctx224"].__dict__
+        assert {k for k in a if a[k] != b[k]} == {"fov_um", "note"}

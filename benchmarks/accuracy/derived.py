@@ -49,14 +49,16 @@ def _model_and_bank(work: Path, ds: Path, row: dict, fold: dict):
     if VARIANTS[variant].method != "regression":
         bank = load_bank(rdir, trained)
         if suffix:
-            bank = merge_banks(bank, build_bank(trained, runner.PreparedDataset(ds), fold["extra_bank"],
+            bank = merge_banks(bank, build_bank(trained, runner.PreparedDataset(runner.variant_ds(ds, variant)),
+                                                fold["extra_bank"],
                                                 allow_missing_genes=True, progress=False))
     return rdir, trained, bank
 
 
 def _remake_trained(work: Path, ds: Path, row: dict, fold: dict) -> ad.AnnData:
     _, trained, bank = _model_and_bank(work, ds, row, fold)
-    return predict_spots(trained, bank, ds, [row["test"]], None, k=row["k"], progress=False, smooth=0.0)
+    return predict_spots(trained, bank, runner.variant_ds(ds, _base(row["method"])[0]), [row["test"]], None,
+                         k=row["k"], progress=False, smooth=0.0)
 
 
 def _remake_baselines(work: Path, ds: Path, fold: dict, rows: list[dict], variants: list[str]) -> None:
@@ -140,15 +142,17 @@ def stain_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], v
         mine = [r for r in rows if r["fold"] == name and r["method"] != "mean"]
         if not mine:
             continue
-        train_imgs = load_spot_table(runner.PreparedDataset(ds), fold["train"], None, img_size=224, target_sum=1e4,
-                                     progress=False)
-        target = lab_stats(train_imgs.images.numpy())
+        targets: dict[Path, object] = {}  # prepared dataset -> its training patches' colour statistics
         for r in [r for r in mine if isinstance(r["seed"], int)]:
-            suffix = _base(r["method"])[1]
+            variant, suffix = _base(r["method"])
+            vds = runner.variant_ds(ds, variant)
+            if vds not in targets:
+                targets[vds] = lab_stats(load_spot_table(runner.PreparedDataset(vds), fold["train"], None,
+                                                         img_size=224, target_sum=1e4, progress=False).images.numpy())
             rdir, trained, bank = _model_and_bank(work, ds, r, fold)
             for tag, rule in STAIN_SUFFIXES.items():
-                pred = predict_spots(trained, bank, ds, [r["test"]], None, k=r["k"], progress=False,
-                                     stain_target=target, stain_rule=rule, smooth=0.0)
+                pred = predict_spots(trained, bank, vds, [r["test"]], None, k=r["k"], progress=False,
+                                     stain_target=targets[vds], stain_rule=rule, smooth=0.0)
                 out.append(make_row(fold, r["test"], f"{r['method']}{tag}", r["seed"],
                                     runner.evaluate_row(pred, ds, rdir / f"eval_{r['test']}{suffix}{tag}"),
                                     k=r["k"], derived=_stain_how(rule)))
@@ -161,6 +165,7 @@ def stain_rows(work: Path, ds: Path, rows: list[dict], folds: dict[str, dict], v
                     for t in fold["tests"]}
             train = load_spot_table(runner.PreparedDataset(ds), fold["train"], refs[fold["tests"][0]].var_names.tolist(),
                                     img_size=224, target_sum=1e4, progress=False)
+            target = lab_stats(train.images.numpy())  # the baselines read `ds`'s patches
             encoders = baseline_encoders(train, variants, seed, work / "runs" / name)  # once for both rules
             for tag, rule in STAIN_SUFFIXES.items():
                 for (test, method), (pred, info) in baseline_predictions(

@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = [f for f in plan if f["name"] in args.folds.split(",")]
     need = sorted({s for f in plan for s in [*f["train"], *f["tests"], *f["pretrain_slides"], *f["extra_bank"]]})
     runner.prepare(args.her2st, ds, need, work)
+    for variant in variants:  # variants with their own field of view: the same samples, other patches
+        if runner.variant_ds(ds, variant) != ds:
+            runner.prepare(args.her2st, runner.variant_ds(ds, variant), need, work, M.VARIANTS[variant].fov_um)
     rows: list[dict] = []
     encoders: dict[str, dict] = {}
     rec = {"benchmark": "her2st_accuracy", "quick": args.quick, "complete": False,
@@ -181,7 +184,8 @@ def run_fold(fold: dict, seed: int, variants: list[str], args, work: Path, ds: P
         elif v.encoder == "random":
             enc = runner.random_encoder(work, "tiny" if args.quick else "cpu")
         rdir = fold_dir / f"{variant}-seed{seed}"
-        t_train = runner.trained_run(rdir, variant, seed, fold, ds, enc, args.quick, cache,
+        vds = runner.variant_ds(ds, variant)  # its patches; counts, spots and evaluation as in `ds`
+        t_train = runner.trained_run(rdir, variant, seed, fold, vds, enc, args.quick, cache,
                                      device=args.device)
         trained = load_trained_model(rdir)
         if train is None:
@@ -192,17 +196,17 @@ def run_fold(fold: dict, seed: int, variants: list[str], args, work: Path, ds: P
             bank = load_bank(rdir, trained)
             banks = {"": (bank, None)}
             if fold["extra_bank"]:
-                extra = build_bank(trained, runner.PreparedDataset(ds), fold["extra_bank"],
+                extra = build_bank(trained, runner.PreparedDataset(vds), fold["extra_bank"],
                                    allow_missing_genes=True, progress=False)
                 banks["+bank"] = (merge_banks(bank, extra), extra)
         for suffix, pair in banks.items():
             k, scores, how = (None, {}, "")
             if pair is not None:
-                choice = choose_run_k(trained, pair[0], runner.PreparedDataset(ds))  # as `cmrcnet train` does
+                choice = choose_run_k(trained, pair[0], runner.PreparedDataset(vds))  # as `cmrcnet train` does
                 k, scores, how = choice.k, choice.scores, choice.how
             for test in fold["tests"]:
-                pred = predict_spots(trained, None if pair is None else pair[0], ds, [test], None, k=k, smooth=0.0,
-                                     progress=False)
+                pred = predict_spots(trained, None if pair is None else pair[0], vds, [test], None, k=k,
+                                     smooth=0.0, progress=False)
                 write_h5ad(pred, rdir / f"pred_{test}{suffix}.h5ad")  # for the derived rows (smoothing, ensembles)
                 refs.setdefault(test, pred)
                 out = rdir / f"eval_{test}{suffix}"

@@ -36,6 +36,7 @@ class Variant:
     note: str = ""
     train: tuple[tuple[str, float], ...] = ()  # TrainConfig fields set on top of the preset
     model: tuple[tuple[str, int], ...] = ()  # ModelConfig fields set on top of the preset (encoder sizes)
+    fov_um: float | None = None  # patch field of view (prepare --fov-um); None: the default, 112 um
 
 
 SCANNER_AUG = (("stain_jitter", 0.3), ("scale_jitter", 8.0))  # other stains; slides down to ~4 um/px
@@ -68,6 +69,11 @@ VARIANTS: dict[str, Variant] = {
     "bleep-cpu60": Variant("bleep", "none", False, False, 60,
                            note="the default recipe (cmrcnet-cpu60) with BLEEP's objective: contrastive loss only, "
                            "no cross-modal reconstruction; same encoder, epochs and learning rate"),
+    "cmrcnet-cpu60-ctx224": Variant("cmrcnet", "none", False, False, 60, fov_um=224.0,
+                                    note="cmrcnet-cpu60 on patches of 224 um instead of 112 um: the spot and its "
+                                    "surroundings, about 2x the spot (HiFusion's best neighbourhood)"),
+    "bleep-cpu60-ctx224": Variant("bleep", "none", False, False, 60, fov_um=224.0,
+                                  note="bleep-cpu60 on patches of 224 um (as cmrcnet-cpu60-ctx224)"),
     "cmrcnet-scratch-cpu12": Variant("cmrcnet", "none", False, False, 12,
                                      note="cpu ViT trained end to end for 12 epochs (NOT the paper's recipe)"),
     "cmrcnet-paper60": Variant("cmrcnet", "none", False, False, 60, preset="paper", only_fold="patient-test-B",

@@ -24,23 +24,32 @@ from .plan import DEGRADED
 
 
 # ---------------------------------------------------------------------- data
-def prepare(her2st: Path, ds: Path, samples: list[str], work: Path) -> None:
+def prepare(her2st: Path, ds: Path, samples: list[str], work: Path, fov_um: float | None = None) -> None:
     from cmrcnet.cli import main
 
+    fov = [] if fov_um is None else ["--fov-um", f"{fov_um:g}"]
     for sid in samples:
         if (ds / "metadata" / f"{sid}.json").exists():
             continue
         if sid == DEGRADED:
-            args = degraded_copy(her2st, work, ds)
+            args = degraded_copy(her2st, work, ds, fov_um=fov_um)
         else:
             args = ["--input", str(her2st)]
-        rc = main(["prepare", "--quiet", "--format", "st", *args, "--sample-id", sid, "--patient", sid[0],
+        rc = main(["prepare", "--quiet", "--format", "st", *args, *fov, "--sample-id", sid, "--patient", sid[0],
                    "--out", str(ds)])
         if rc != 0:
             raise SystemExit(f"prepare {sid} failed")
 
 
-def degraded_copy(her2st: Path, work: Path, ds: Path, target_um: float = 3.4) -> list[str]:
+def variant_ds(ds: Path, variant: str) -> Path:
+    """The prepared dataset a variant trains and predicts on: `ds`, or `ds` + `_fov<um>` for a variant with its own
+    field of view (the same spots and counts, other patches; prepared by `prepare(..., fov_um=...)`)."""
+    fov = M.VARIANTS[variant].fov_um
+    return ds if fov is None else ds.parent / f"{ds.name}_fov{fov:g}"
+
+
+def degraded_copy(her2st: Path, work: Path, ds: Path, target_um: float = 3.4,
+                  fov_um: float | None = None) -> list[str]:
     """B4 as a slide from another scanner: about 3.4 um/px, other stain balance, black background, JPEG q70.
 
     Written under WORK (never the repository). Returns `cmrcnet prepare` arguments for it."""
@@ -53,7 +62,7 @@ def degraded_copy(her2st: Path, work: Path, ds: Path, target_um: float = 3.4) ->
     out = work / "degraded"
     out.mkdir(parents=True, exist_ok=True)
     spots = pd.read_csv(her2st / "spots" / "B4_selection.tsv", sep="\t")
-    prepare(her2st, ds, ["B4"], work)  # its pixel size, estimated from the spot grid
+    prepare(her2st, ds, ["B4"], work, fov_um)  # its pixel size, estimated from the spot grid
     px = float(PreparedDataset(ds).metadata("B4")["pixel_size_um"])
     factor = target_um / px
     img = Image.open(her2st / "images" / "B4.jpg").convert("RGB")
