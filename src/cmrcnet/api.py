@@ -286,8 +286,8 @@ def train(
         Single fields: ``epochs``, ``batch_size``, ``lr``, ``seed``, ``precision``, ``stain_jitter``
         (random optical-density scale/shift per channel), ``scale_jitter`` (patches shrunk by up to this factor
         and resized back, as from coarser scanners), ``stain_normalise`` (map each training sample's colours
-        onto the training samples' pooled statistics before training, as prediction maps a new slide's)
-        (training), ``method``,
+        onto the training samples' pooled statistics before training, as prediction maps a new slide's),
+        ``stain_rule`` (its rule, "contrast" or "reinhard"; recorded in the run's config) (training), ``method``,
         ``gene_mode`` ("strict"/"paper"), ``n_genes`` (highly variable genes), ``n_expressed_genes`` (highly
         expressed genes added, default 100), ``include_genes`` (list), ``tumour_markers`` (add the
         tumour marker panel the training samples measure; default True), ``encoder``,
@@ -327,7 +327,8 @@ def train(
     return model
 
 
-TRAIN_FIELDS = ("epochs", "batch_size", "lr", "seed", "precision", "stain_jitter", "scale_jitter", "stain_normalise")
+TRAIN_FIELDS = ("epochs", "batch_size", "lr", "seed", "precision", "stain_jitter", "scale_jitter", "stain_normalise",
+                "stain_rule")
 
 
 def apply_overrides(cfg: RunConfig, **overrides: Any) -> RunConfig:

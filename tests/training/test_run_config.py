@@ -162,3 +162,28 @@ def test_neither_preset_nor_file(tmp_path: Path) -> None:
 def test_saved_yaml_is_plain(tmp_path: Path) -> None:
     data = yaml.safe_load(load_run_config("tiny").to_yaml())
     assert set(data) == {"encoder", "method", "model", "encoder_weights", "train", "genes", "retrieval"}
+
+
+@pytest.mark.parametrize(("normalised", "rule"), [(True, "reinhard"), (False, "contrast")])
+def test_a_run_saved_before_stain_rules_reads_as_it_trained(tmp_path: Path, normalised: bool, rule: str) -> None:
+    """A run's config.yaml without `train.stain_rule` comes from before the rule was recorded: a run that trained
+    stain-normalised did so by Reinhard's rule; one that did not gets the default, which it never used. A config
+    written by hand without the field gets the default."""
+    from cmrcnet.data.stain import DEFAULT_STAIN_RULE
+    from cmrcnet.run.config import saved_run_config
+
+    assert DEFAULT_STAIN_RULE == "contrast" and RunConfig().train.stain_rule == DEFAULT_STAIN_RULE
+    data = RunConfig().to_dict()
+    del data["train"]["stain_rule"]
+    data["train"]["stain_normalise"] = normalised
+    path = _write(tmp_path, yaml.safe_dump(data))
+    assert load_run_config(path, saved_run=True).train.stain_rule == rule
+    assert saved_run_config(data, source="ckpt").train.stain_rule == rule
+    assert load_run_config(path).train.stain_rule == DEFAULT_STAIN_RULE  # by hand: today's default
+    data["train"]["stain_rule"] = "contrast"  # a recorded rule is kept
+    assert saved_run_config(data, source="ckpt").train.stain_rule == "contrast"
+
+
+def test_an_unknown_stain_rule_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="stain_rule"):
+        load_run_config(_write(tmp_path, "train:\n  stain_rule: macenko\n"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -272,11 +273,12 @@ def test_jitter_flags_reach_the_saved_config_and_change_training(
 
 
 def test_stain_normalise_trains_on_normalised_sections(
-    trained: tuple[Path, TrainResult], synthetic_ds: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trained: tuple[Path, TrainResult], synthetic_ds: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """`--stain-normalise` is saved with the run; training, the choice of the retrieval k and the confidence
-    reference all see each training sample mapped onto the run's stain reference, so the same seed trains other
-    weights."""
+    """`--stain-normalise` and its `--stain-rule` are saved with the run; training, the choice of the retrieval
+    k and the confidence reference all see each training sample mapped onto the run's stain reference by that
+    rule, so the same seed trains other weights."""
     import numpy as np
 
     from cmrcnet.cli import main
@@ -284,7 +286,7 @@ def test_stain_normalise_trains_on_normalised_sections(
     from cmrcnet.data.stain import lab_stats, load_stain_reference, slide_target
     from cmrcnet.inference import predict as predict_module
 
-    calls: list[tuple[list[str], list[float]]] = []
+    calls: list[tuple[list[str], list[float], str]] = []
     real = stain.normalise_table
 
     def spy(table, target, **kw):
@@ -292,9 +294,9 @@ def test_stain_normalise_trains_on_normalised_sections(
         rows = {sid: torch.from_numpy(np.flatnonzero(ids == sid)) for sid in set(table.sample_ids)}
         before = {sid: lab_stats(table.images[r].numpy()) for sid, r in rows.items()}
         done = real(table, target, **kw)
-        calls.append((sorted(set(table.sample_ids)), target.mean))
-        for sid, r in rows.items():  # every sample now has the colours the default rule maps it onto
-            want = slide_target(before[sid], target)
+        calls.append((sorted(set(table.sample_ids)), target.mean, kw.get("rule", stain.DEFAULT_STAIN_RULE)))
+        for sid, r in rows.items():  # every sample now has the colours the rule maps it onto
+            want = slide_target(before[sid], target, **kw)
             got = lab_stats(table.images[r].numpy())
             np.testing.assert_allclose(got.mean, want.mean, atol=3.0)
             np.testing.assert_allclose(got.std, want.std, rtol=0.2, atol=2.0)
@@ -305,14 +307,28 @@ def test_stain_normalise_trains_on_normalised_sections(
     run_dir, _ = trained
     out = tmp_path / "stain"
     args = ["train", "--data", str(synthetic_ds), "--train-samples", ",".join(TRAIN_SAMPLES), "--out", str(out),
-            "--config", "tiny", "--epochs", str(EPOCHS), "--stain-normalise", "--quiet"]
+            "--config", "tiny", "--epochs", str(EPOCHS), "--stain-normalise", "--stain-rule", "reinhard", "--quiet"]
+    assert stain.DEFAULT_STAIN_RULE != "reinhard"  # the rule asked for, not the default, reaches every step
     assert main(args) == 0
     assert load_run_config(out / CONFIG_FILE).train.stain_normalise
+    assert load_run_config(out / CONFIG_FILE).train.stain_rule == "reinhard"
     assert not load_run_config(run_dir / CONFIG_FILE).train.stain_normalise  # off unless asked (tiny preset)
     reference = load_stain_reference(out / STAIN_REFERENCE_FILE)
     # training, then the retrieval k's choice on the training spots, then the validation spots' reference
     assert [c[0] for c in calls] == [sorted(TRAIN_SAMPLES)] * 3
     assert all(c[1] == reference.mean for c in calls)
+    assert [c[2] for c in calls] == ["reinhard"] * 3
     assert (out / CONFIDENCE_REFERENCE_FILE).is_file()
     plain, normalised = load_checkpoint(run_dir / LAST_CKPT)["model"], load_checkpoint(out / LAST_CKPT)["model"]
     assert any(v.is_floating_point() and not torch.equal(v, normalised[k]) for k, v in plain.items())
+    # predicting with another rule than the run trained with says so
+    from cmrcnet.inference.predict import predict_samples
+
+    with caplog.at_level(logging.WARNING, logger="cmrcnet"):
+        predict_samples(out, synthetic_ds, TRAIN_SAMPLES[:1], None, stain_normalise=True, progress=False)
+    assert "trained on patches colour-normalised by the 'reinhard' rule" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cmrcnet"):
+        predict_samples(out, synthetic_ds, TRAIN_SAMPLES[:1], None, stain_normalise=True, stain_rule="reinhard",
+                        progress=False)
+    assert "colour-normalised by" not in caplog.text

@@ -15,6 +15,7 @@ from cmrcnet.runtime import PRECISION_CHOICES
 # --- train ------------------------------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     from cmrcnet.data.genes import GENE_MODES
+    from cmrcnet.data.stain import DEFAULT_STAIN_RULE, STAIN_RULES
     from cmrcnet.models.config import METHODS
 
     p = sub.add_parser(
@@ -51,8 +52,13 @@ def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument(
         "--stain-normalise", action=argparse.BooleanOptionalAction, default=None,
         help="map each training sample's colours onto the training samples' pooled colour statistics before "
-        "training (slide level, by predict's default --stain-rule), as prediction maps a new slide's (default: the preset's, off in all; it "
+        "training (slide level, by --stain-rule), as prediction maps a new slide's (default: the preset's, off in all; it "
         "did worse on held-out patients, benchmarks/results/her2st_accuracy.md)",
+    )
+    p.add_argument(
+        "--stain-rule", choices=STAIN_RULES,
+        help="the rule of --stain-normalise, recorded in the run's config (default: the preset's, "
+        f"{DEFAULT_STAIN_RULE}); pass the same to predict",
     )
     p.add_argument("--genes", choices=GENE_MODES, help="gene selection protocol (default strict)")
     p.add_argument("--n-genes", type=_positive_int, help="number of highly variable genes (strict mode)")
@@ -114,6 +120,7 @@ def _run_train(args: argparse.Namespace) -> int:
         stain_jitter=args.stain_jitter,
         scale_jitter=args.scale_jitter,
         stain_normalise=args.stain_normalise,
+        stain_rule=args.stain_rule,
         method=args.method,
         gene_mode=args.genes,
         n_genes=args.n_genes,

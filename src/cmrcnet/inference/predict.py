@@ -250,7 +250,21 @@ def normalise_as_trained(trained: TrainedModel, table) -> None:
     trained on stain-normalised patches (``train.stain_normalise``), so they are embedded as in training (the
     retrieval k's choice and the confidence reference); otherwise leave it as it is."""
     if trained.run_config.train.stain_normalise:
-        normalise_table(table, run_stain_target(trained))
+        normalise_table(table, run_stain_target(trained), rule=trained.run_config.train.stain_rule)
+
+
+def warn_if_other_rule(trained: TrainedModel, rule: str) -> None:
+    """A log warning when a run that trained on stain-normalised patches is given patches mapped by another rule."""
+    train = trained.run_config.train
+    if train.stain_normalise and rule != train.stain_rule:
+        logger.warning(
+            "%s: the run trained on patches colour-normalised by the %r rule, these are normalised by %r; pass "
+            "stain_rule=%r to map them as in training",
+            trained.run_dir,
+            train.stain_rule,
+            rule,
+            train.stain_rule,
+        )
 
 
 def resolve_stain_target(trained: TrainedModel, stain_normalise: bool | None) -> LabStats | None:
@@ -332,6 +346,7 @@ def predict_spots(
     )
     stained = {}
     if stain_target is not None:
+        warn_if_other_rule(trained, stain_rule)
         stained = normalise_table(table, stain_target, rule=stain_rule)
         for sid, line in stained.items():
             logger.info("%s: patches colour-normalised to the stain target (%s)", sid, line)

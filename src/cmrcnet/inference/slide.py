@@ -52,7 +52,12 @@ from cmrcnet.inference.confidence import (
 )
 from cmrcnet.inference.export import SPATIAL_UNS, spatial_library
 from cmrcnet.inference.kchoice import resolve_k
-from cmrcnet.inference.predict import prediction_provenance, resolve_stain_target, stain_note
+from cmrcnet.inference.predict import (
+    prediction_provenance,
+    resolve_stain_target,
+    stain_note,
+    warn_if_other_rule,
+)
 from cmrcnet.inference.slide_outputs import (
     CONFIDENCE_MAP_FILE,
     HEATMAP_PREFIX,
@@ -130,6 +135,7 @@ def _slide_stain(
     target = resolve_stain_target(trained, stain_normalise)
     if target is None:
         return None
+    warn_if_other_rule(trained, rule)
     source = lab_stats(layout.thumb[layout.mask.mask])
     return (source, slide_target(source, target, rule=rule)), describe(source, target, rule)
 

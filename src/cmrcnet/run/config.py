@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from cmrcnet.data.genes import GeneSelectionConfig
+from cmrcnet.data.stain import DEFAULT_STAIN_RULE, STAIN_RULES
 from cmrcnet.errors import ConfigError, InputFileError
 from cmrcnet.models.config import ENCODER_PRESETS, ModelConfig
 from cmrcnet.runtime import PRECISION_CHOICES
@@ -46,6 +47,10 @@ class TrainConfig:
     # cmrcnet.data.stain's default rule), as prediction maps a new slide's; the validation spots of the confidence
     # reference get the same mapping
     stain_normalise: bool = False
+    # the rule of that mapping ("contrast" or "reinhard", cmrcnet.data.stain); recorded so that the run's k choice
+    # and confidence reference map its training spots as training did (runs saved before this field existed
+    # trained by Reinhard: `saved_run_config`)
+    stain_rule: str = DEFAULT_STAIN_RULE
     max_grad_norm: float = 0.0  # gradient clipping norm (0: off)
     num_threads: int = 0  # CPU threads for torch (0: torch's default)
     select: str = "best"  # checkpoint used for prediction: "best" (lowest validation loss) or "last"
@@ -72,6 +77,7 @@ class TrainConfig:
         _require(self.color_jitter >= 0, f"color_jitter must be >= 0, got {self.color_jitter}")
         _require(0 <= self.stain_jitter < 1, f"stain_jitter must be in [0, 1), got {self.stain_jitter}")
         _require(self.scale_jitter >= 1, f"scale_jitter must be >= 1, got {self.scale_jitter}")
+        _require(self.stain_rule in STAIN_RULES, f"stain_rule must be one of {STAIN_RULES}, got {self.stain_rule!r}")
         _require(self.select in ("best", "last"), f"select must be 'best' or 'last', got {self.select!r}")
         _require(self.num_threads >= 0, f"num_threads must be >= 0, got {self.num_threads}")
 
@@ -148,8 +154,30 @@ def _run_presets() -> dict[str, RunConfig]:
 RUN_PRESETS = tuple(_run_presets())
 
 
-def load_run_config(spec: str | Path) -> RunConfig:
-    """A preset name ("paper", "cpu", "tiny") or a YAML file written by a previous run or by hand."""
+# the rule training-time stain normalisation used before runs recorded `train.stain_rule`
+LEGACY_STAIN_RULE = "reinhard"
+
+
+def saved_run_config(data: dict, source: str) -> RunConfig:
+    """The config a run saved in its checkpoints, with `with_legacy_fields`."""
+    return RunConfig.from_dict(with_legacy_fields(data), source=source)
+
+
+def with_legacy_fields(data: dict) -> dict:
+    """A run's saved config with the fields added since filled in as that run behaved: a run saved before
+    `train.stain_rule` existed and trained stain-normalised did so by Reinhard's rule (`LEGACY_STAIN_RULE`);
+    one that did not normalise gets today's default, which it never used."""
+    train = data.get("train")
+    if isinstance(train, dict) and "stain_rule" not in train:
+        rule = LEGACY_STAIN_RULE if train.get("stain_normalise") else DEFAULT_STAIN_RULE
+        return {**data, "train": {**train, "stain_rule": rule}}
+    return data
+
+
+def load_run_config(spec: str | Path, *, saved_run: bool = False) -> RunConfig:
+    """A preset name ("paper", "cpu", "tiny") or a YAML file written by a previous run or by hand;
+    `saved_run`: the file is a run's own config.yaml (fields added since are read as that run behaved,
+    `saved_run_config`)."""
     presets = _run_presets()
     if str(spec) in presets:
         cfg = presets[str(spec)]
@@ -169,7 +197,7 @@ def load_run_config(spec: str | Path) -> RunConfig:
         if preset is not None and (not isinstance(preset, str) or preset not in presets):
             raise ConfigError(f"{path}: unknown preset {preset!r}; choose one of {list(presets)}")
         base = presets[preset] if preset is not None else RunConfig()
-        cfg = _build(RunConfig, _merge(base.to_dict(), data), str(path))
+        cfg = _build(RunConfig, _merge(base.to_dict(), with_legacy_fields(data) if saved_run else data), str(path))
         try:
             cfg.validate()
         except ConfigError as exc:  # name the file the bad value came from

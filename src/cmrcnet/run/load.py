@@ -15,7 +15,7 @@ from cmrcnet.models import build_model
 from cmrcnet.models.config import ModelConfig
 from cmrcnet.models.model import CMRCNet
 from cmrcnet.run.checkpoint import load_checkpoint
-from cmrcnet.run.config import RunConfig
+from cmrcnet.run.config import RunConfig, saved_run_config
 from cmrcnet.run.encoder_source import load_initial_encoder, with_encoder
 from cmrcnet.run.layout import BEST_CKPT, CONFIG_FILE, GENES_FILE, LAST_CKPT, MODEL_FILE, RUN_FILE
 
@@ -65,7 +65,7 @@ def load_trained_model(
     ckpt_path = run_dir / data["_file"]
     try:
         mcfg = ModelConfig.from_dict(dict(data["model_config"]))
-        rcfg = RunConfig.from_dict(dict(data["run_config"]), source=str(ckpt_path))
+        rcfg = saved_run_config(dict(data["run_config"]), source=str(ckpt_path))
         ema = rcfg.train.use_ema if use_ema is None else use_ema
         state = data["ema"] if ema else data["model"]
         epoch = int(data["epoch"])

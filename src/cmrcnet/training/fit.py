@@ -115,7 +115,7 @@ def fit_run(
         progress=progress and info.is_main,
     )
     if config.train.stain_normalise:
-        _normalise_training_stain(dataset, train_samples, table)
+        _normalise_training_stain(dataset, train_samples, table, config.train.stain_rule)
     train_set, val_set = _split_validation(table, config)
     if info.is_main and ckpt is None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +190,7 @@ def _resume_state(
     if not (run_dir / LAST_CKPT).exists():
         return None, config
     ckpt = load_checkpoint(run_dir / LAST_CKPT)
-    saved = load_run_config(run_dir / CONFIG_FILE)
+    saved = load_run_config(run_dir / CONFIG_FILE, saved_run=True)
     if saved.to_dict() != config.to_dict():
         logger.warning("resume=True: using the run's saved config.yaml, not the one given now")
     return ckpt, saved
@@ -222,13 +222,13 @@ def _choose_genes(
     return broadcast_object(gene_list, info)
 
 
-def _normalise_training_stain(dataset, train_samples: list[str], table: SpotTable) -> None:
+def _normalise_training_stain(dataset, train_samples: list[str], table: SpotTable, rule: str) -> None:
     """Map every training sample's patches onto the samples' pooled colour statistics (the run's stain
-    reference, `training_stain_reference`), so the model trains on colours as `predict` will give it."""
+    reference, `training_stain_reference`) by `rule`, so the model trains on colours as `predict` will give it."""
     from cmrcnet.data.stain import normalise_table, training_stain_reference
 
     target = training_stain_reference(dataset, list(dict.fromkeys(train_samples)))
-    for sid, line in normalise_table(table, target).items():
+    for sid, line in normalise_table(table, target, rule=rule).items():
         logger.info("%s: training patches colour-normalised to the training samples' pooled statistics (%s)",
                     sid, line)
 

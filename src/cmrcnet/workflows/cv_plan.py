@@ -179,7 +179,7 @@ def check_saved_config(run: CvRun, cfg: RunConfig) -> None:
     path = run.run_dir / CONFIG_FILE
     if not path.is_file():
         return
-    saved, wanted = _flatten(load_run_config(path).to_dict()), _flatten(cfg.to_dict())
+    saved, wanted = _flatten(load_run_config(path, saved_run=True).to_dict()), _flatten(cfg.to_dict())
     differ = sorted(key for key in set(saved) | set(wanted) if saved.get(key) != wanted.get(key))
     if differ:
         raise ConfigError(
