@@ -44,8 +44,8 @@ class TrainConfig:
     stain_jitter: float = 0.0  # strength of random per-channel optical-density scale/shift (0: off)
     scale_jitter: float = 1.0  # patches shrunk by up to this factor and resized back, as coarser scans (1: off)
     # map each training sample's patches onto the training samples' pooled colour statistics (slide level, by
-    # cmrcnet.data.stain's default rule), as prediction maps a new slide's; the validation spots of the confidence
-    # reference get the same mapping
+    # `stain_rule`), as prediction maps a new slide's; the validation spots of the confidence reference get the
+    # same mapping
     stain_normalise: bool = False
     # the rule of that mapping ("contrast" or "reinhard", cmrcnet.data.stain); recorded so that the run's k choice
     # and confidence reference map its training spots as training did (runs saved before this field existed
