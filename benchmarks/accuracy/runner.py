@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from cmrcnet.atomic import write_json
+from cmrcnet.constants import DEFAULT_FOV_UM
 from cmrcnet.data.dataset import PreparedDataset
 from cmrcnet.evaluation.evaluate import evaluate_predictions
 from cmrcnet.run.config import load_run_config
@@ -27,7 +28,9 @@ from .plan import DEGRADED
 def prepare(her2st: Path, ds: Path, samples: list[str], work: Path, fov_um: float | None = None) -> None:
     from cmrcnet.cli import main
 
-    fov = [] if fov_um is None else ["--fov-um", f"{fov_um:g}"]
+    # always explicit: `prepare`'s default for legacy ST moved to 224 um; the variants without their own field of
+    # view were measured on 112 um patches
+    fov = ["--fov-um", f"{DEFAULT_FOV_UM if fov_um is None else fov_um:g}"]
     for sid in samples:
         if (ds / "metadata" / f"{sid}.json").exists():
             continue

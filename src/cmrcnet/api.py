@@ -87,20 +87,21 @@ def prepare(
         The prepared dataset folder (HEST-compatible layout; created if needed). Preparing a sample again
         replaces it atomically.
     fov_um, patch_px
-        Physical side of a patch (default 112 um) and its side in pixels after resampling (default 224).
+        Physical side of a patch (default: 224 um for legacy ST, 112 um otherwise; `data.prepare.default_fov_um`)
+        and its side in pixels after resampling (default 224).
 
     Returns
     -------
     PrepareSummary
         Spots written, padded and dropped; ``summary.lines()`` describes it.
     """
-    from cmrcnet.constants import DEFAULT_FOV_UM, DEFAULT_PATCH_PX
+    from cmrcnet.constants import DEFAULT_PATCH_PX
     from cmrcnet.data.prepare import prepare_sample
 
     return prepare_sample(
         sample,
         out,
-        fov_um=DEFAULT_FOV_UM if fov_um is None else fov_um,
+        fov_um=fov_um,
         patch_px=DEFAULT_PATCH_PX if patch_px is None else patch_px,
         progress=progress,
     )

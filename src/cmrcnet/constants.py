@@ -18,7 +18,13 @@ METADATA_DIR = "metadata"  # metadata/<id>.json : pixel size, patient, source, f
 IMAGE_DIR = "images"  # optional thumbnails for plotting
 
 # --- patch geometry defaults ---------------------------------------------------------------------------
-DEFAULT_FOV_UM = 112.0  # HEST-1k: 224 px at 0.5 um/px
+DEFAULT_FOV_UM = 112.0  # HEST-1k: 224 px at 0.5 um/px; the default for Visium, HEST and other layouts
+# Legacy ST (100 um spots, 200 um apart): patches of 224 um, the spot and its surroundings up to the neighbouring
+# spots. On held-out her2st patients (benchmarks/results/her2st_accuracy.md, cmrcnet-cpu60-ctx224 against
+# cmrcnet-cpu60, 3 seeds) they raised marker PCC over six sections (0.112 -> 0.138) and both HEG-50 and marker PCC
+# on B4 at 3.4 um/px, re-coloured (0.108 / 0.248 -> 0.129 / 0.308); HEG-50 over six sections was 0.053 -> 0.043.
+# Not measured on Visium, whose default stays at 112 um.
+ST_FOV_UM = 224.0
 DEFAULT_PATCH_PX = 224
 PAD_VALUE = 255  # white, the colour of glass in brightfield H&E
 

@@ -89,3 +89,33 @@ def test_truncated_patches_file_is_a_clear_error(tmp_path: Path) -> None:
     h5.write_bytes(h5.read_bytes()[:2000])
     with pytest.raises(InputFileError, match=r"s1\.h5.*cannot read patches"):
         PreparedDataset(tmp_path).read_patches("s1")
+
+
+@pytest.mark.parametrize(
+    ("technology", "source", "fov"),
+    [
+        ("st", {}, 224.0),  # legacy ST: spots 200 um apart, patches cover the spot and its surroundings
+        ("hest", {"st_technology": "spatial transcriptomics"}, 224.0),  # a HEST-1k sample of legacy ST
+        ("hest", {"st_technology": "visium"}, 112.0),
+        ("visium", {}, 112.0),
+        ("synthetic", {}, 112.0),
+        ("unknown", {}, 112.0),
+    ],
+)
+def test_the_default_field_of_view_follows_the_technology(
+    tmp_path: Path, technology: str, source: dict, fov: float
+) -> None:
+    from cmrcnet.constants import DEFAULT_FOV_UM, ST_FOV_UM
+    from cmrcnet.data.prepare import default_fov_um
+
+    assert (DEFAULT_FOV_UM, ST_FOV_UM) == (112.0, 224.0)
+    sample = make_sample("s1", pitch_px=120.0, margin_px=120.0, pixel_size_um=2.0)
+    sample.technology, sample.source = technology, {**sample.source, **source}
+    assert default_fov_um(sample) == fov
+    summary = prepare_sample(sample, tmp_path, patch_px=16, progress=False)  # no fov_um: the default
+    assert PreparedDataset(tmp_path).metadata("s1")["fov_um"] == fov == summary.fov_um
+    assert f"of {fov:g} um" in "\n".join(summary.lines())
+    again = make_sample("s1", pitch_px=120.0, margin_px=120.0, pixel_size_um=2.0)
+    again.technology, again.source = technology, {**again.source, **source}
+    prepare_sample(again, tmp_path, fov_um=30.0, patch_px=16, progress=False)  # one given wins
+    assert PreparedDataset(tmp_path).metadata("s1")["fov_um"] == 30.0

@@ -172,3 +172,12 @@ def test_patch_file_without_barcodes(tmp_path):
         del f["barcode"]
     with pytest.raises(InputFileError, match=r"lacks datasets \['barcode'\]"):
         read_hest_patches(root, SID)
+
+
+def test_a_legacy_st_sample_of_hest_gets_the_st_field_of_view(tmp_path):
+    from cmrcnet.data.prepare import default_fov_um
+
+    visium = read_hest(write_hest(tmp_path / "v"), sample_id=SID)
+    legacy = read_hest(write_hest(tmp_path / "st", meta={"st_technology": "Spatial Transcriptomics"}), sample_id=SID)
+    assert visium.source["st_technology"] == "visium" and default_fov_um(visium) == 112.0
+    assert legacy.source["st_technology"] == "spatial transcriptomics" and default_fov_um(legacy) == 224.0

@@ -178,3 +178,34 @@ def test_smooth_averages_each_spot_with_its_neighbours(trained: tuple[Path, Path
     np.testing.assert_allclose(ad.read_h5ad(tmp_path / "off.h5ad").X, np.asarray(plain.X), rtol=1e-5, atol=1e-6)
     assert main(["predict", "--model", str(run), "--data", str(ds), "--samples", "synS3", "--out",
                  str(tmp_path / "bad.h5ad"), "--smooth", "2", "--quiet"]) == 2
+
+
+def test_samples_prepared_with_another_field_of_view_are_refused(
+    trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A model reads tissue at the scale it trained on: patches of another field of view are an error that names
+    the sample and the --fov-um to prepare it with, before any work; on the CLI exit 2, no traceback, no output."""
+    import json
+
+    from cmrcnet.inference.predict import predict_spots
+
+    ds, run = trained
+    tm = load_trained_model(run)
+    fov = float(tm.run_info["fov_um"])
+    assert PreparedDataset(ds).metadata("synS3")["fov_um"] == fov
+    predict_spots(tm, load_bank(run, tm), ds, ["synS3"], None, progress=False)  # the same field of view: fine
+    tm.run_info["fov_um"] = 2 * fov
+    with pytest.raises(ConfigError, match=rf"synS3 \({fov:g} um\): prepared with another field of view .*"
+                       rf"--fov-um {2 * fov:g}"):
+        predict_spots(tm, load_bank(run, tm), ds, ["synS3"], None, progress=False)
+    info = json.loads((run / "run.json").read_text())
+    other = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(run, other)
+    (other / "run.json").write_text(json.dumps({**info, "fov_um": 2 * fov}))
+    out = tmp_path / "pred.h5ad"
+    capsys.readouterr()
+    assert main(["predict", "--model", str(other), "--data", str(ds), "--samples", "synS3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "prepared with another field of view" in err and "Traceback" not in err and not out.exists()

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from cmrcnet.cli._common import _add_precision, _positive_float, _positive_int
-from cmrcnet.constants import DEFAULT_FOV_UM, DEFAULT_PATCH_PX
+from cmrcnet.constants import DEFAULT_FOV_UM, DEFAULT_PATCH_PX, ST_FOV_UM
 from cmrcnet.errors import ConfigError
 
 
@@ -42,8 +42,8 @@ def _add_prepare(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument(
         "--fov-um",
         type=_positive_float,
-        default=DEFAULT_FOV_UM,
-        help=f"physical side of each patch in um (default {DEFAULT_FOV_UM:g})",
+        help=f"physical side of each patch in um (default {ST_FOV_UM:g} for legacy ST, whose spots lie 200 um "
+        f"apart; {DEFAULT_FOV_UM:g} otherwise)",
     )
     p.add_argument(
         "--patch-px",

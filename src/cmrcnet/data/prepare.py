@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from cmrcnet.constants import DEFAULT_FOV_UM, DEFAULT_PATCH_PX
+from cmrcnet.constants import DEFAULT_FOV_UM, DEFAULT_PATCH_PX, ST_FOV_UM
 from cmrcnet.data.dataset import write_sample
 from cmrcnet.data.patches import extract_patches
 from cmrcnet.data.sample import Sample
@@ -32,6 +32,7 @@ class PrepareSummary:
     n_padded: int
     dropped: dict[str, int]
     out_dir: Path
+    fov_um: float = DEFAULT_FOV_UM  # the patches' physical side
 
     def lines(self) -> list[str]:
         drops = ", ".join(f"{n} {why}" for why, n in self.dropped.items() if n) or "none"
@@ -39,7 +40,7 @@ class PrepareSummary:
             f"sample {self.sample_id} (patient {self.patient_id}) -> {self.out_dir}",
             f"  spots: {self.n_spots}, genes: {self.n_genes}",
             f"  pixel size: {self.pixel_size_um:.4f} um/px ({self.pixel_size_source})",
-            f"  patches written: {self.n_patches} ({self.n_padded} padded at image borders)",
+            f"  patches written: {self.n_patches} of {self.fov_um:g} um ({self.n_padded} padded at image borders)",
             f"  spots dropped: {drops}",
         ]
 
@@ -57,16 +58,26 @@ def drop_empty_spots(sample: Sample) -> int:
     return int(empty.sum())
 
 
+def default_fov_um(sample: Sample) -> float:
+    """The patch field of view `prepare` uses unless told: `ST_FOV_UM` (224 um) for legacy ST, whose spots lie
+    200 um apart (read as "st", or a HEST-1k sample whose metadata says "Spatial Transcriptomics"), else
+    `DEFAULT_FOV_UM` (112 um, HEST-1k's patches)."""
+    legacy_st = sample.technology == "st" or sample.source.get("st_technology") == "spatial transcriptomics"
+    return ST_FOV_UM if legacy_st else DEFAULT_FOV_UM
+
+
 def prepare_sample(
     sample: Sample,
     out_dir: str | Path,
     *,
-    fov_um: float = DEFAULT_FOV_UM,
+    fov_um: float | None = None,
     patch_px: int = DEFAULT_PATCH_PX,
     progress: bool = True,
     dropped: dict[str, int] | None = None,
 ) -> PrepareSummary:
-    """Extract patches and write the sample into `out_dir` (replacing an earlier version atomically)."""
+    """Extract patches of `fov_um` (None: `default_fov_um`) and write the sample into `out_dir` (replacing an
+    earlier version atomically)."""
+    fov_um = default_fov_um(sample) if fov_um is None else fov_um
     dropped = {**sample.dropped, **(dropped or {})}
     dropped["zero-count"] = drop_empty_spots(sample)
     patches = None
@@ -97,4 +108,5 @@ def prepare_sample(
         n_padded=0 if patches is None else patches.n_padded,
         dropped=dropped,
         out_dir=Path(out_dir),
+        fov_um=fov_um,
     )

@@ -253,6 +253,23 @@ def normalise_as_trained(trained: TrainedModel, table) -> None:
         normalise_table(table, run_stain_target(trained), rule=trained.run_config.train.stain_rule)
 
 
+def check_same_fov(trained: TrainedModel, dataset: PreparedDataset, samples: Sequence[str]) -> None:
+    """Samples whose patches cover another field of view than the run's training patches are refused: the model
+    would read tissue at another scale. Runs that record no field of view (older versions) are not checked."""
+    run_fov = trained.run_info.get("fov_um")
+    if run_fov is None:
+        return
+    other = {s: float(dataset.metadata(s)["fov_um"]) for s in samples}
+    other = {s: fov for s, fov in other.items() if abs(fov - float(run_fov)) > 1e-6 * float(run_fov)}
+    if other:
+        listed = ", ".join(f"{s} ({fov:g} um)" for s, fov in other.items())
+        raise ConfigError(
+            f"{listed}: prepared with another field of view than the run's training patches ({float(run_fov):g} "
+            f"um); prepare them again with --fov-um {float(run_fov):g}",
+            path=dataset.root,
+        )
+
+
 def warn_if_other_rule(trained: TrainedModel, rule: str) -> None:
     """A log warning when a run that trained on stain-normalised patches is given patches mapped by another rule."""
     train = trained.run_config.train
@@ -329,6 +346,7 @@ def predict_spots(
     no_image = [s for s in samples if not dataset.has_image(s)]
     if no_image:
         raise ConfigError(f"samples {no_image} have no image to predict from")
+    check_same_fov(trained, dataset, samples)
     in_training = [s for s in samples if s in trained.run_info.get("train_samples", [])]
     if in_training:
         logger.warning("samples %s were used for training: their predictions are not a test", in_training)

@@ -101,7 +101,10 @@ def common_fov(dataset: PreparedDataset, samples: list[str]) -> float:
     """The field of view (um) shared by all samples' patches; different fields of view are an error."""
     fovs = {round(float(dataset.metadata(s)["fov_um"]), 6) for s in samples}
     if len(fovs) > 1:
-        raise ConfigError(f"training samples were prepared with different fields of view {sorted(fovs)} um")
+        raise ConfigError(
+            f"training samples were prepared with different fields of view {sorted(fovs)} um; prepare them again "
+            "with one --fov-um"
+        )
     return fovs.pop()
 
 

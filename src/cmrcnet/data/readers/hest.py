@@ -94,6 +94,8 @@ def read_hest(
         path=meta_path,
     )
     provenance = {"format": "hest", "counts": str(st_path)}
+    if tech:
+        provenance["st_technology"] = tech  # legacy ST gets its own default field of view (prepare.default_fov_um)
     if meta:
         provenance["metadata"] = str(meta_path)
     return assemble_sample(
