@@ -22,8 +22,8 @@ work = Path(os.environ.get("CMRCNET_TUTORIAL_DIR") or tempfile.mkdtemp(prefix="c
 # %% [markdown]
 # ## 1. Read and prepare
 # `cmrcnet.read` returns a `Sample` whose `counts` is an AnnData (spots x genes, raw counts,
-# `obsm["spatial"]` in full-resolution pixels); `cmrcnet.prepare` cuts 112 um patches around every spot and adds
-# the sample to a dataset folder.
+# `obsm["spatial"]` in full-resolution pixels); `cmrcnet.prepare` cuts patches around every spot (112 um here; 224 um
+# by default for legacy ST, whose spots lie 200 um apart) and adds the sample to a dataset folder.
 
 # %%
 synthetic = SyntheticConfig(n_slides=4, n_patients=2, seed=0)
