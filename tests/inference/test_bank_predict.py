@@ -196,7 +196,7 @@ def test_samples_prepared_with_another_field_of_view_are_refused(
     predict_spots(tm, load_bank(run, tm), ds, ["synS3"], None, progress=False)  # the same field of view: fine
     tm.run_info["fov_um"] = 2 * fov
     with pytest.raises(ConfigError, match=rf"synS3 \({fov:g} um\): prepared with another field of view .*"
-                       rf"--fov-um {2 * fov:g}"):
+                       rf"fov_um={2 * fov:g}"):
         predict_spots(tm, load_bank(run, tm), ds, ["synS3"], None, progress=False)
     info = json.loads((run / "run.json").read_text())
     other = tmp_path / "run"
@@ -208,4 +208,5 @@ def test_samples_prepared_with_another_field_of_view_are_refused(
     capsys.readouterr()
     assert main(["predict", "--model", str(other), "--data", str(ds), "--samples", "synS3", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "prepared with another field of view" in err and "Traceback" not in err and not out.exists()
+    assert "prepared with another field of view" in err and f"--fov-um {2 * fov:g}" in err
+    assert "Traceback" not in err and not out.exists()

@@ -104,6 +104,7 @@ PARAM_TO_FLAG: dict[str, str] = {
     "encoder": "--encoder",
     "encoder_weights": "--encoder-weights",
     "epochs": "--epochs",
+    "fov_um": "--fov-um",
     "include_genes": "--include-genes",
     "include_test_slides": "--include-test-slides",
     "markers": "--markers",

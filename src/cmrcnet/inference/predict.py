@@ -265,7 +265,7 @@ def check_same_fov(trained: TrainedModel, dataset: PreparedDataset, samples: Seq
         listed = ", ".join(f"{s} ({fov:g} um)" for s, fov in other.items())
         raise ConfigError(
             f"{listed}: prepared with another field of view than the run's training patches ({float(run_fov):g} "
-            f"um); prepare them again with --fov-um {float(run_fov):g}",
+            f"um); prepare them again with fov_um={float(run_fov):g}",
             path=dataset.root,
         )
 

@@ -103,7 +103,7 @@ def common_fov(dataset: PreparedDataset, samples: list[str]) -> float:
     if len(fovs) > 1:
         raise ConfigError(
             f"training samples were prepared with different fields of view {sorted(fovs)} um; prepare them again "
-            "with one --fov-um"
+            "with one fov_um="
         )
     return fovs.pop()
 
