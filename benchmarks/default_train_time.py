@@ -3,7 +3,7 @@ about 1,200 spots, on this machine. The target is a laptop: at most 30 minutes o
 
     python benchmarks/default_train_time.py [--her2st ../shared/data/her2st] [--work DIR] [--data DS]
 
-Prepares the six sections into WORK/ds (or reads an already prepared `--data DS`; never the repository), runs
+Prepares the six sections into WORK/ds at 224 um, `cmrcnet prepare`'s default for legacy ST (or reads an already prepared `--data DS`; never the repository), runs
 `cmrcnet train --data DS --train-samples C2,C3,C4,C5,C6,B4 --out WORK/run` as a user would, and writes
 benchmarks/results/default_train_time.json with the command, commit, machine, load, the run's preset, epochs,
 spots and the wall time (process start to exit, gene selection and the bank included).
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from cmrcnet.atomic import write_json
+from cmrcnet.constants import ST_FOV_UM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import git_commit, machine_info
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="cmrcnet_default_train_"))
     ds = args.data or work / "ds"
     if args.data is None:
-        prepare(args.her2st, ds, list(SAMPLES), work)  # the accuracy benchmark's (skips prepared samples)
+        # the accuracy benchmark's (skips prepared samples), at the field of view `cmrcnet prepare` gives legacy ST
+        prepare(args.her2st, ds, list(SAMPLES), work, fov_um=ST_FOV_UM)
     run_dir = work / "run"
     train = [
         "cmrcnet",
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "load_average_at_end": list(os.getloadavg()),
         "samples": list(SAMPLES),
+        "fov_um": run.get("fov_um"),  # the patches' field of view (prepare's default for legacy ST: 224 um)
         "n_train_spots": sum(len(ids) for ids in spots["train"].values()),
         "n_val_spots": sum(len(ids) for ids in spots["validation"].values()),
         "config_yaml": config,
