@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     need = sorted({s for f in plan for s in [*f["train"], *f["tests"], *f["pretrain_slides"], *f["extra_bank"]]})
     runner.prepare(args.her2st, ds, need, work)
     for variant in variants:  # variants with their own field of view: the same samples, other patches
-        if runner.variant_ds(ds, variant) != ds:
-            runner.prepare(args.her2st, runner.variant_ds(ds, variant), need, work, M.VARIANTS[variant].fov_um)
+        if (vds := runner.variant_ds(ds, variant)) != ds:
+            runner.prepare(args.her2st, vds, need, work, M.VARIANTS[variant].fov_um)
     rows: list[dict] = []
     encoders: dict[str, dict] = {}
     rec = {"benchmark": "her2st_accuracy", "quick": args.quick, "complete": False,

@@ -256,16 +256,15 @@ def normalise_as_trained(trained: TrainedModel, table) -> None:
 def check_same_fov(trained: TrainedModel, dataset: PreparedDataset, samples: Sequence[str]) -> None:
     """Samples whose patches cover another field of view than the run's training patches are refused: the model
     would read tissue at another scale. Runs that record no field of view (older versions) are not checked."""
-    run_fov = trained.run_info.get("fov_um")
-    if run_fov is None:
+    if trained.run_info.get("fov_um") is None:
         return
-    other = {s: float(dataset.metadata(s)["fov_um"]) for s in samples}
-    other = {s: fov for s, fov in other.items() if abs(fov - float(run_fov)) > 1e-6 * float(run_fov)}
+    run_fov = float(trained.run_info["fov_um"])
+    fovs = {s: float(dataset.metadata(s)["fov_um"]) for s in samples}
+    other = [f"{s} ({fov:g} um)" for s, fov in fovs.items() if abs(fov - run_fov) > 1e-6 * run_fov]
     if other:
-        listed = ", ".join(f"{s} ({fov:g} um)" for s, fov in other.items())
         raise ConfigError(
-            f"{listed}: prepared with another field of view than the run's training patches ({float(run_fov):g} "
-            f"um); prepare them again with fov_um={float(run_fov):g}",
+            f"{', '.join(other)}: prepared with another field of view than the run's training patches ({run_fov:g} "
+            f"um); prepare them again with fov_um={run_fov:g}",
             path=dataset.root,
         )
 
