@@ -101,6 +101,17 @@ def test_reconstruction_target_can_be_detached(tiny_config, model_batch) -> None
     assert grads[True] is None or grads[True].abs().sum() == 0
 
 
+
+def test_recon_weight_scales_the_reconstruction_term(tiny_config, model_batch) -> None:
+    images, expr = model_batch
+    model = _model(tiny_config, "cmrcnet", recon_weight=4.0).eval()  # eval: no dropout, same mask seed below
+    torch.manual_seed(1)
+    losses = model.loss(images, expr)
+    torch.testing.assert_close(losses["loss"], losses["contrastive"] + 4.0 * losses["reconstruction"])
+    for bad in (0.0, -1.0):
+        with pytest.raises(ConfigError, match="recon_weight"):
+            tiny_config("cmrcnet", recon_weight=bad)
+
 @pytest.mark.parametrize("mask_mode", ["element", "token"])
 @pytest.mark.parametrize("share", [True, False])
 def test_reconstruction_variants_train(tiny_config, model_batch, mask_mode: str, share: bool) -> None:

@@ -80,6 +80,7 @@ class ModelConfig:
     # --- losses ---
     temperature: float = 1.0  # T of the contrastive loss
     log1p_losses: bool = True  # total = mean(log1p(contrastive)) + log1p(recon); False: plain means
+    recon_weight: float = 1.0  # factor on the reconstruction term of the total (1: the paper)
     # --- regression baseline (method "regression") ---
     regression_hidden: int = 256  # hidden units of the MLP from the image embedding to G genes
 
@@ -161,7 +162,7 @@ class ModelConfig:
         keep = _check_number(self, "mask_keep_prob")
         if not 0.0 < keep <= 1.0:
             raise ConfigError(f"mask_keep_prob must be in (0, 1], got {keep}")
-        for name in ("temperature", "mlp_ratio"):
+        for name in ("temperature", "mlp_ratio", "recon_weight"):
             value = _check_number(self, name)
             if not value > 0.0:
                 raise ConfigError(f"{name} must be positive, got {value}")

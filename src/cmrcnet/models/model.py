@@ -204,7 +204,7 @@ class CMRCNet(nn.Module):
             mse = mse_loss_fp32(recon, target)
             reconstruction = torch.log1p(mse) if cfg.log1p_losses else mse
             losses["reconstruction"] = reconstruction
-            losses["loss"] = contrastive + reconstruction
+            losses["loss"] = contrastive + cfg.recon_weight * reconstruction
         return losses
 
     def forward(
