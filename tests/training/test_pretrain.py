@@ -180,3 +180,30 @@ def test_feature_cache_is_reused_and_invalidated_when_the_encoder_changes(tmp_pa
     assert not torch.equal(changed.tokens, first.tokens)
     pooled, _ = frozen_features(model, table, **{**kw, "pooled": True})
     assert pooled.tokens.shape[2] == 1
+
+
+def test_train_warns_when_the_encoder_was_pretrained_at_another_field_of_view(
+    tmp_path: Path, synthetic_ds: Path, capsys
+) -> None:
+    """An encoder pretrained on tiles of another scale than the training patches is usable, but the log says so
+    and how to pretrain it to match; run.json records the encoder's field of view."""
+    from cmrcnet.data.dataset import PreparedDataset
+    from cmrcnet.run.encoder_source import encoder_fov_note
+
+    enc = _encoder_dir(tmp_path)
+    data_fov = float(PreparedDataset(synthetic_ds).metadata(TRAIN_SAMPLES[0])["fov_um"])
+    assert json.loads((enc / "encoder.json").read_text())["fov_um"] == 112.0
+    assert encoder_fov_note({"fov_um": data_fov}, data_fov) is None
+    assert encoder_fov_note({"source": "weights file"}, data_fov) is None  # nothing recorded: nothing to compare
+    info = json.loads((enc / "encoder.json").read_text())
+    info["fov_um"] = 2 * data_fov  # as `pretrain --fov-um` twice the patches' field of view writes it
+    (enc / "encoder.json").write_text(json.dumps(info))
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(synthetic_ds), "--train-samples", ",".join(TRAIN_SAMPLES), "--out", str(run)]
+    argv += ["--config", "tiny", "--epochs", "1", "--encoder", str(enc), "--freeze-encoder"]
+    argv += ["--feature-cache", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"pretrained on {2 * data_fov:g} um tiles but the training patches are {data_fov:g} um" in err
+    assert f"pretrain it again with --fov-um {data_fov:g}" in err  # the CLI names its flag
+    assert json.loads((run / "run.json").read_text())["encoder_init"]["fov_um"] == 2 * data_fov

@@ -173,6 +173,30 @@ def test_expression_only_training_sample_is_refused(
     assert not (tmp_path / "run").exists()
 
 
+def test_training_samples_of_different_fields_of_view_are_refused(
+    synthetic_ds: Path, tmp_path: Path, tiny_run_config
+) -> None:
+    """One model reads tissue at one scale: training samples prepared with different fields of view are refused
+    before anything is written, with the values and the parameter to prepare them with."""
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(synthetic_ds, ds)
+    meta_path = ds / "metadata" / f"{TRAIN_SAMPLES[1]}.json"
+    meta = json.loads(meta_path.read_text())
+    fov = float(meta["fov_um"])
+    meta_path.write_text(json.dumps({**meta, "fov_um": 2 * fov}))
+    want = (rf"different fields of view \({TRAIN_SAMPLES[0]}: {fov:g} um, {TRAIN_SAMPLES[1]}: {2 * fov:g} um\); "
+            "prepare them again with one fov_um=")
+    with pytest.raises(ConfigError, match=want):
+        train_run(data_dir=ds, train_samples=TRAIN_SAMPLES[:2], run_dir=tmp_path / "run", config=tiny_run_config(),
+                  progress=False)
+    assert not (tmp_path / "run").exists()
+    from cmrcnet.data.dataset import same_fov  # the one tolerance train and predict share
+
+    assert same_fov(fov, fov * (1 + 1e-9)) and not same_fov(fov, fov * (1 + 1e-4))
+
+
 def test_same_seed_gives_identical_weights(
     trained: tuple[Path, TrainResult], train_tiny, tiny_run_config, tmp_path: Path
 ) -> None:

@@ -140,6 +140,11 @@ def _write_thumbnail(path: Path, sample: Sample) -> None:
     im.save(path, format="PNG")
 
 
+def same_fov(a: float, b: float) -> bool:
+    """Whether two fields of view (um) are the same; the one tolerance used wherever patches are compared."""
+    return abs(float(a) - float(b)) <= 1e-6 * max(abs(float(a)), abs(float(b)))
+
+
 class PreparedDataset:
     """Read access to a prepared dataset folder."""
 

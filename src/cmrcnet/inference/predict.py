@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from cmrcnet import __version__
 from cmrcnet.atomic import atomic_path
 from cmrcnet.constants import CMRCNET_UNS, DEFAULT_SMOOTH, DEFAULT_STAIN_NORMALISE, SAMPLE_KEY, SPATIAL_KEY
-from cmrcnet.data.dataset import PreparedDataset
+from cmrcnet.data.dataset import PreparedDataset, same_fov
 from cmrcnet.data.hdf5 import write_h5ad
 from cmrcnet.data.spots import load_spot_table
 from cmrcnet.data.stain import DEFAULT_STAIN_RULE, LabStats, check_rule, load_stain_reference, normalise_table
@@ -260,7 +260,7 @@ def check_same_fov(trained: TrainedModel, dataset: PreparedDataset, samples: Seq
         return
     run_fov = float(trained.run_info["fov_um"])
     fovs = {s: float(dataset.metadata(s)["fov_um"]) for s in samples}
-    other = [f"{s} ({fov:g} um)" for s, fov in fovs.items() if abs(fov - run_fov) > 1e-6 * run_fov]
+    other = [f"{s} ({fov:g} um)" for s, fov in fovs.items() if not same_fov(fov, run_fov)]
     if other:
         raise ConfigError(
             f"{', '.join(other)}: prepared with another field of view than the run's training patches ({run_fov:g} "

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cmrcnet.data.dataset import same_fov
 from cmrcnet.errors import ConfigError, InputFileError
 from cmrcnet.models.config import ModelConfig
 from cmrcnet.models.encoders import file_sha256, load_encoder_weights
@@ -110,10 +111,23 @@ def load_initial_encoder(model: nn.Module, source: str | Path, *, sha256: str | 
         report = load_encoder_weights(model.image_encoder, path / ENCODER_WEIGHTS, strict=True, sha256=sha256)
         record = {"source": "cmrcnet pretrain", "dir": str(path.resolve()), **report.to_dict()}
         record["pretraining"] = info.get("pretraining", {})
+        record["fov_um"] = info.get("fov_um")
         record["transductive"] = bool(info.get("pretraining", {}).get("transductive", False))
         return record
     report = load_encoder_weights(model.image_encoder, path, strict=False, sha256=sha256)
     return {"source": "weights file", **report.to_dict(), "transductive": False}
+
+
+def encoder_fov_note(encoder_init: dict | None, fov_um: float) -> str | None:
+    """A warning when a `cmrcnet pretrain` encoder was pretrained on tiles of another field of view than the
+    training patches (it learned the tissue at another scale); None when they agree or nothing is recorded."""
+    pretrained = (encoder_init or {}).get("fov_um")
+    if pretrained is None or same_fov(pretrained, fov_um):
+        return None
+    return (
+        f"the image encoder was pretrained on {float(pretrained):g} um tiles but the training patches are "
+        f"{float(fov_um):g} um; for tissue at the same scale pretrain it again with fov_um={float(fov_um):g}"
+    )
 
 
 def stores_encoder_by_reference(mcfg: ModelConfig, rcfg: RunConfig) -> bool:

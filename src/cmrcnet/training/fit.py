@@ -22,6 +22,7 @@ from cmrcnet.data.spots import SpotTable, load_spot_table
 from cmrcnet.errors import ConfigError
 from cmrcnet.run.checkpoint import load_checkpoint
 from cmrcnet.run.config import RunConfig, load_run_config
+from cmrcnet.run.encoder_source import encoder_fov_note
 from cmrcnet.run.layout import CONFIG_FILE, GENES_FILE, LAST_CKPT, RUN_FILE
 from cmrcnet.runtime import PrecisionChoice, resolve_precision
 from cmrcnet.training.distributed import (
@@ -95,7 +96,7 @@ def fit_run(
     # rank 0 measures and decides, so every process computes in the same precision
     choice = resolve_precision(config.train.precision, dev, training=True) if info.is_main else None
     choice = broadcast_object(choice, info)
-    common_fov(dataset, train_samples)  # checked on every process, so a mismatch stops them all
+    fov_um = common_fov(dataset, train_samples)  # checked on every process, so a mismatch stops them all
     gene_list = _choose_genes(
         run_dir,
         dataset,
@@ -143,6 +144,9 @@ def fit_run(
         encoder_ref=(ckpt or {}).get("encoder_ref"),  # a resumed run's frozen encoder, stored by reference
     )
     _start_trainer(trainer, ckpt, choice, info)
+    note = encoder_fov_note(trainer.encoder_init, fov_um)
+    if note and info.is_main:
+        logger.warning(note)
     logger.info(
         "training %s on %d spots (%d validation) from %s, %d genes, %d process(es), device %s",
         mcfg.method,

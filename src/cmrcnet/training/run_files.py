@@ -14,7 +14,7 @@ import torch
 
 from cmrcnet import __version__
 from cmrcnet.atomic import write_json, write_text
-from cmrcnet.data.dataset import PreparedDataset
+from cmrcnet.data.dataset import PreparedDataset, same_fov
 from cmrcnet.data.genes import GeneList
 from cmrcnet.data.spots import SpotTable
 from cmrcnet.errors import ConfigError
@@ -99,13 +99,15 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
 
 def common_fov(dataset: PreparedDataset, samples: list[str]) -> float:
     """The field of view (um) shared by all samples' patches; different fields of view are an error."""
-    fovs = {round(float(dataset.metadata(s)["fov_um"]), 6) for s in samples}
-    if len(fovs) > 1:
+    fovs = {s: float(dataset.metadata(s)["fov_um"]) for s in samples}
+    first = fovs[samples[0]]
+    if not all(same_fov(first, fov) for fov in fovs.values()):
         raise ConfigError(
-            f"training samples were prepared with different fields of view {sorted(fovs)} um; prepare them again "
-            "with one fov_um="
+            "training samples were prepared with different fields of view ("
+            + ", ".join(f"{s}: {fov:g} um" for s, fov in fovs.items())
+            + "); prepare them again with one fov_um="
         )
-    return fovs.pop()
+    return first
 
 
 def write_run_files(
