@@ -79,6 +79,9 @@ VARIANTS: dict[str, Variant] = {
                                          note="cmrcnet-cpu60-ctx224 with the cross-modal reconstruction term "
                                          "weighted 10x in the total loss (the term that separates CMRCNet from "
                                          "BLEEP; at weight 1 it falls to ~0.04 within a few epochs)"),
+    "cmrcnet-cpu60-ctx224-rw3": Variant("cmrcnet", "none", False, False, 60, fov_um=224.0,
+                                        model=(("recon_weight", 3.0),),
+                                        note="cmrcnet-cpu60-ctx224 with the reconstruction term weighted 3x"),
     "cmrcnet-scratch-cpu12": Variant("cmrcnet", "none", False, False, 12,
                                      note="cpu ViT trained end to end for 12 epochs (NOT the paper's recipe)"),
     "cmrcnet-paper60": Variant("cmrcnet", "none", False, False, 60, preset="paper", only_fold="patient-test-B",
