@@ -289,6 +289,7 @@ def train(
         and resized back, as from coarser scanners), ``stain_normalise`` (map each training sample's colours
         onto the training samples' pooled statistics before training, as prediction maps a new slide's),
         ``stain_rule`` (its rule, "contrast" or "reinhard"; recorded in the run's config) (training), ``method``,
+        ``recon_weight`` (factor on CMRCNet's cross-modal reconstruction term; 1 is the paper's),
         ``gene_mode`` ("strict"/"paper"), ``n_genes`` (highly variable genes), ``n_expressed_genes`` (highly
         expressed genes added, default 100), ``include_genes`` (list), ``tumour_markers`` (add the
         tumour marker panel the training samples measure; default True), ``encoder``,
@@ -357,6 +358,8 @@ def apply_overrides(cfg: RunConfig, **overrides: Any) -> RunConfig:
         from cmrcnet.training.pretrain import configure_encoder
 
         configure_encoder(cfg, encoder, weights)
+    if "recon_weight" in given:
+        cfg.model["recon_weight"] = float(given.pop("recon_weight"))
     if given.pop("freeze_encoder", False):
         cfg.model["freeze_encoder"] = True
     if given.pop("handcrafted", False):

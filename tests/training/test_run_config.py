@@ -187,3 +187,21 @@ def test_a_run_saved_before_stain_rules_reads_as_it_trained(tmp_path: Path, norm
 def test_an_unknown_stain_rule_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="stain_rule"):
         load_run_config(_write(tmp_path, "train:\n  stain_rule: macenko\n"))
+
+
+def test_recon_weight_override_reaches_the_model_and_bad_values_are_refused(tmp_path: Path, capsys) -> None:
+    """`recon_weight` (API) / `--recon-weight` (CLI) sets the model's factor on the reconstruction term; the
+    saved config carries it; zero is refused before anything is written (CLI: exit 2, one line)."""
+    from cmrcnet.api import apply_overrides
+    from cmrcnet.cli import main
+
+    cfg = apply_overrides(load_run_config("cpu"), recon_weight=3)
+    assert cfg.model["recon_weight"] == 3.0 and cfg.model_config(n_genes=5).recon_weight == 3.0
+    assert RunConfig.from_dict(yaml.safe_load(cfg.to_yaml())).model_config(n_genes=5).recon_weight == 3.0
+    with pytest.raises(ConfigError, match="recon_weight must be positive, got -1"):
+        apply_overrides(load_run_config("cpu"), recon_weight=-1)
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tmp_path), "--train-samples", "a", "--out", str(out), "--recon-weight", "0"]
+    with pytest.raises(SystemExit) as exc:  # argparse refuses a non-positive value
+        main(argv)
+    assert exc.value.code == 2 and "--recon-weight" in capsys.readouterr().err and not out.exists()

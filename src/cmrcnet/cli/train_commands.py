@@ -83,6 +83,11 @@ def _add_train(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         help="pretrained weights for --encoder (.safetensors or torch state dict)",
     )
     p.add_argument(
+        "--recon-weight",
+        type=_positive_float,
+        help="factor on the cross-modal reconstruction term of the cmrcnet loss (default: the preset's)",
+    )
+    p.add_argument(
         "--freeze-encoder",
         action="store_true",
         help="keep the encoder fixed: its features are computed once (cached) and only the heads train",
@@ -129,6 +134,7 @@ def _run_train(args: argparse.Namespace) -> int:
         tumour_markers=False if args.no_tumour_markers else None,
         encoder=args.encoder,
         encoder_weights=args.encoder_weights,
+        recon_weight=args.recon_weight,
         freeze_encoder=args.freeze_encoder,
         handcrafted=args.handcrafted,
         feature_cache=args.feature_cache,
