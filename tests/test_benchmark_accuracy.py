@@ -86,6 +86,15 @@ def test_methods_are_paired_with_like_for_like_baselines_only() -> None:
     assert not stats.comparable("cmrcnet-ssl+hc+stain", "knn-handcrafted")
 
 
+def test_the_bleep_peer_of_a_reconstruction_weight_variant_is_bleep_with_the_same_recipe() -> None:
+    """BLEEP has no reconstruction term, so `cmrcnet-X-rw10` is compared with `bleep-X` (same modifiers)."""
+    table = {m: {} for m in ("bleep-cpu60-ctx224+cstain+smooth", "bleep-cpu60-ctx224", "knn-handcrafted")}
+    assert report.peer("cmrcnet-cpu60-ctx224-rw10+cstain+smooth", "bleep", table) == "bleep-cpu60-ctx224+cstain+smooth"
+    assert report.peer("cmrcnet-cpu60-ctx224-rw3", "bleep", table) == "bleep-cpu60-ctx224"
+    assert report.peer("cmrcnet-cpu60-ctx224-rw10+smooth", "bleep", table) is None  # other modifiers: no peer
+    assert report.peer("cmrcnet-cpu60-ctx224-rw10", "knn", table) is None  # kNN/ridge keep the model's own features
+
+
 def test_genes_constant_in_the_data_are_left_out_of_the_pairs() -> None:
     rows = [_row("B4", "cmrcnet-x", 0, 0.5, ["a", "b"], [0.5, None]),
             _row("B4", "mean", None, 0.0, ["a", "b"], [0.0, None])]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from .plan import PROTOCOL_TITLES
@@ -74,6 +75,7 @@ def _table(table: dict) -> list[str]:
     return lines
 
 
+RECON_WEIGHT = re.compile(r"-rw[0-9.]+$")  # a variant's reconstruction-weight suffix (methods.py: "-rw10")
 PEER_KINDS = ("mean", "knn-handcrafted", "knn", "ridge", "bleep", "regression")
 
 
@@ -81,9 +83,11 @@ def peer(method: str, kind: str, table: dict) -> str | None:
     """The baseline of `kind` on the same features with the same modifiers (smoothing, ensemble, bank)."""
     _, feats, mods = split_name(method)
     plain = mods.replace("+bank", "").replace("-ens", "")  # kNN/ridge baselines have no bank and no seeds
+    no_recon = RECON_WEIGHT.sub("", feats)  # BLEEP has no reconstruction term: one peer for every weight
     candidates = {"mean": ["mean"], "knn-handcrafted": [f"knn-handcrafted{plain}"],
                   "knn": [f"knn-{feats}{plain}"], "ridge": [f"ridge-{feats}{plain}"],
-                  "bleep": [f"bleep-{feats}{mods}"], "regression": [f"regression-{feats}{mods.replace('+bank', '')}"]}
+                  "bleep": [f"bleep-{feats}{mods}", f"bleep-{no_recon}{mods}"],
+                  "regression": [f"regression-{feats}{mods.replace('+bank', '')}"]}
     found = [c for c in candidates[kind] if c in table and c != method]
     return found[0] if found else None
 
