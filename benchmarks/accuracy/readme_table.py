@@ -14,6 +14,8 @@ from .results import read_record
 ROWS = ("cmrcnet-ssl+hc", "cmrcnet-rand+hc", "cmrcnet-cpu60", "cmrcnet-cpu30", "cmrcnet-cpu30+stain", "cmrcnet-cpu30+stain+smooth",
         "cmrcnet-mid30+stain+smooth", "cmrcnet-cpu60+stain+smooth", "bleep-cpu60+stain+smooth",
         "cmrcnet-cpu60+cstain+smooth", "bleep-cpu60+cstain+smooth", "cmrcnet-cpu60+bank+cstain+smooth",
+        "cmrcnet-cpu60-ctx224-rw3+cstain+smooth", "cmrcnet-cpu60-ctx224-rw10+cstain+smooth",
+        "cmrcnet-cpu60-ctx224-rw3+bank+cstain+smooth",
         "cmrcnet-cpu60-ctx224+cstain+smooth", "bleep-cpu60-ctx224+cstain+smooth", "cmrcnet-cpu60-ctx224+bank+cstain+smooth",
         "cmrcnet-cpu30-trainstain+stain+smooth", "cmrcnet-cpu30-aug",
         "cmrcnet-cpu30-stainaug", "cmrcnet-cpu30-scaleaug", "cmrcnet-ssl+hc+bank", "cmrcnet-rand+hc+bank",
@@ -29,7 +31,8 @@ TITLES = {"pcc_heg50": "HEG-50 PCC", "pcc_hvg50": "HVG-50 PCC", "pcc_markers": "
           "spotwise_pcc": "spot-wise PCC"}
 MARKER_ROWS = ("cmrcnet-ssl+hc", "cmrcnet-rand+hc", "cmrcnet-cpu60", "cmrcnet-cpu60+smooth", "cmrcnet-cpu60+stain+smooth",
                "bleep-cpu60+stain+smooth", "cmrcnet-cpu60+cstain+smooth", "bleep-cpu60+cstain+smooth",
-               "cmrcnet-cpu60+bank+cstain+smooth", "cmrcnet-cpu60-ctx224+cstain+smooth", "bleep-cpu60-ctx224+cstain+smooth",
+               "cmrcnet-cpu60+bank+cstain+smooth", "cmrcnet-cpu60-ctx224-rw3+cstain+smooth",
+               "cmrcnet-cpu60-ctx224-rw10+cstain+smooth", "cmrcnet-cpu60-ctx224+cstain+smooth", "bleep-cpu60-ctx224+cstain+smooth",
                "cmrcnet-cpu60-ctx224+bank+cstain+smooth", "knn-handcrafted+cstain+smooth",
                "cmrcnet-cpu30", "cmrcnet-cpu30+smooth", "cmrcnet-cpu30+stain+smooth", "cmrcnet-cpu30-aug+smooth", "cmrcnet-ssl+hc+bank", "cmrcnet-ssl+hc+smooth",
                "cmrcnet-ssl+hc+bank+smooth", "cmrcnet-ssl+hc+bank-ens+smooth", "bleep-ssl+hc", "regression-ssl+hc",

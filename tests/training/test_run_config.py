@@ -66,6 +66,10 @@ def test_preset_with_overrides_merges(tmp_path: Path) -> None:
     assert cfg.train.batch_size == tiny.train.batch_size and cfg.train.precision == "fp32"
     assert cfg.genes.mode == tiny.genes.mode and cfg.retrieval == tiny.retrieval
     assert cfg.model_config(n_genes=4).dropout == 0.1
+    # model overrides merge key by key too: the cpu preset's reconstruction weight survives another override
+    cpu = load_run_config(_write(tmp_path, "preset: cpu\nmodel:\n  freeze_encoder: true\n"))
+    assert cpu.model == {"recon_weight": 3.0, "freeze_encoder": True}
+    assert load_run_config(_write(tmp_path, "preset: cpu\nmodel:\n  recon_weight: 1\n")).model["recon_weight"] == 1
 
 
 def test_yaml_without_preset_starts_from_the_defaults(tmp_path: Path) -> None:
