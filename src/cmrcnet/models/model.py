@@ -10,7 +10,8 @@ Methods (`ModelConfig.method`): "cmrcnet" = contrastive + reconstruction; "bleep
 are the same in all three, so embeddings and encoders are comparable across methods.
 
 Losses (all in float32, also under autocast). With `log1p_losses` (default, the reference's form) the total is
-mean(log1p(per-sample contrastive)) + log1p(reconstruction MSE); the "bleep" method uses the same log1p form so
+mean(log1p(per-sample contrastive)) + recon_weight * log1p(reconstruction MSE) (`recon_weight` 1 is the
+reference's; the `cpu` run preset uses 3); the "bleep" method uses the same log1p form so
 that its contrastive term is directly comparable with "cmrcnet"'s; `log1p_losses=False` gives plain means
 (BLEEP's original loss). The regression MSE is never log-transformed.
 
