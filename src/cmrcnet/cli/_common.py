@@ -112,8 +112,8 @@ PARAM_TO_FLAG: dict[str, str] = {
     "out": "--out",
     "out_dir": "--out",
     "pixel_size_um": "--pixel-size",
-    "recon_weight": "--recon-weight",
     "protocol": "--protocol",
+    "recon_weight": "--recon-weight",
     "resume": "--resume",
     "run_dir": "--model",  # the trained run a command reads
     "samples": "--samples",
