@@ -129,6 +129,7 @@ def fit_run(
             train_samples=train_samples,
             train_set=train_set,
             val_set=val_set,
+            fov_um=fov_um,
             command=command,
         )
     trainer = Trainer(

@@ -120,9 +120,11 @@ def write_run_files(
     train_samples: list[str],
     train_set: SpotTable,
     val_set: SpotTable,
+    fov_um: float,
     command: str | None,
 ) -> None:
-    """Everything about a run except weights and metrics, written before the first epoch."""
+    """Everything about a run except weights and metrics, written before the first epoch. `fov_um`: the training
+    patches' field of view, as `common_fov` checked it."""
     metas = {s: dataset.metadata(s) for s in train_samples}
     sizes = {int(m["patch_px"]) for m in metas.values()}
     write_text(run_dir / CONFIG_FILE, config.to_yaml())
@@ -153,7 +155,7 @@ def write_run_files(
             "data_dir": str(dataset.root.resolve()),
             "train_samples": train_samples,
             "patients": {s: m.get("patient") for s, m in metas.items()},
-            "fov_um": common_fov(dataset, train_samples),
+            "fov_um": fov_um,
             "patch_px": sorted(sizes),
             "pixel_size_um": {s: m.get("pixel_size_um") for s, m in metas.items()},
             "synthetic": any(m.get("synthetic") for m in metas.values()),
