@@ -86,6 +86,15 @@ def test_methods_are_paired_with_like_for_like_baselines_only() -> None:
     assert not stats.comparable("cmrcnet-ssl+hc+stain", "knn-handcrafted")
 
 
+def test_variants_train_at_the_papers_reconstruction_weight_unless_they_name_one(tmp_path: Path) -> None:
+    """The cpu preset's weight is 3; rows of variants that name none were measured at 1 and must stay so."""
+    from accuracy import runner
+
+    assert runner.run_config("cmrcnet-cpu60-ctx224", 0, False, None, tmp_path).model["recon_weight"] == 1.0
+    assert runner.run_config("cmrcnet-cpu60-ctx224-rw3", 0, False, None, tmp_path).model["recon_weight"] == 3.0
+    assert runner.run_config("cmrcnet-cpu60-ctx224-rw10", 0, False, None, tmp_path).model["recon_weight"] == 10.0
+
+
 def test_the_bleep_peer_of_a_reconstruction_weight_variant_is_bleep_with_the_same_recipe() -> None:
     """BLEEP has no reconstruction term, so `cmrcnet-X-rw10` is compared with `bleep-X` (same modifiers)."""
     table = {m: {} for m in ("bleep-cpu60-ctx224+cstain+smooth", "bleep-cpu60-ctx224", "knn-handcrafted")}

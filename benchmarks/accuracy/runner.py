@@ -146,10 +146,9 @@ def run_config(variant: str, seed: int, quick: bool, encoder_dir: Path | None, c
         from cmrcnet.training.pretrain import configure_encoder
 
         configure_encoder(cfg, str(encoder_dir))
-    cfg.model.update(dict(v.model))
     # every variant at the paper's reconstruction weight unless it names one, so rows keep their meaning when the
     # preset's weight changes (the cpu preset's is 3 since cmrcnet-cpu60-ctx224-rw3)
-    cfg.model["recon_weight"] = float(dict(v.model).get("recon_weight", 1.0))
+    cfg.model.update({"recon_weight": 1.0, **dict(v.model)})
     cfg.model["freeze_encoder"] = v.frozen
     cfg.model["handcrafted_features"] = v.handcrafted
     cfg.train.feature_cache = str(cache)
