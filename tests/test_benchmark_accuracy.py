@@ -93,6 +93,8 @@ def test_variants_train_at_the_papers_reconstruction_weight_unless_they_name_one
     assert runner.run_config("cmrcnet-cpu60-ctx224", 0, False, None, tmp_path).model["recon_weight"] == 1.0
     assert runner.run_config("cmrcnet-cpu60-ctx224-rw3", 0, False, None, tmp_path).model["recon_weight"] == 3.0
     assert runner.run_config("cmrcnet-cpu60-ctx224-rw10", 0, False, None, tmp_path).model["recon_weight"] == 10.0
+    keep = runner.run_config("cmrcnet-cpu60-ctx224-rw3-keep25", 0, False, None, tmp_path).model
+    assert (keep["recon_weight"], keep["mask_keep_prob"]) == (3.0, 0.25)
 
 
 def test_the_bleep_peer_of_a_reconstruction_weight_variant_is_bleep_with_the_same_recipe() -> None:
@@ -100,6 +102,8 @@ def test_the_bleep_peer_of_a_reconstruction_weight_variant_is_bleep_with_the_sam
     table = {m: {} for m in ("bleep-cpu60-ctx224+cstain+smooth", "bleep-cpu60-ctx224", "knn-handcrafted")}
     assert report.peer("cmrcnet-cpu60-ctx224-rw10+cstain+smooth", "bleep", table) == "bleep-cpu60-ctx224+cstain+smooth"
     assert report.peer("cmrcnet-cpu60-ctx224-rw3", "bleep", table) == "bleep-cpu60-ctx224"
+    assert report.peer("cmrcnet-cpu60-ctx224-rw3-keep25+cstain+smooth", "bleep", table) == \
+        "bleep-cpu60-ctx224+cstain+smooth"
     assert report.peer("cmrcnet-cpu60-ctx224-rw10+smooth", "bleep", table) is None  # other modifiers: no peer
     assert report.peer("cmrcnet-cpu60-ctx224-rw10", "knn", table) is None  # kNN/ridge keep the model's own features
 

@@ -82,6 +82,11 @@ VARIANTS: dict[str, Variant] = {
     "cmrcnet-cpu60-ctx224-rw3": Variant("cmrcnet", "none", False, False, 60, fov_um=224.0,
                                         model=(("recon_weight", 3.0),),
                                         note="cmrcnet-cpu60-ctx224 with the reconstruction term weighted 3x"),
+    "cmrcnet-cpu60-ctx224-rw3-keep25": Variant("cmrcnet", "none", False, False, 60, fov_um=224.0,
+                                               model=(("recon_weight", 3.0), ("mask_keep_prob", 0.25)),
+                                               note="cmrcnet-cpu60-ctx224-rw3 keeping 25 % of the image-token "
+                                               "elements in the reconstruction instead of 50 %: a harder "
+                                               "reconstruction that must lean more on the expression tokens"),
     "cmrcnet-scratch-cpu12": Variant("cmrcnet", "none", False, False, 12,
                                      note="cpu ViT trained end to end for 12 epochs (NOT the paper's recipe)"),
     "cmrcnet-paper60": Variant("cmrcnet", "none", False, False, 60, preset="paper", only_fold="patient-test-B",

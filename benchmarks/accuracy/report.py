@@ -75,7 +75,8 @@ def _table(table: dict) -> list[str]:
     return lines
 
 
-RECON_WEIGHT = re.compile(r"-rw[0-9.]+$")  # a variant's reconstruction-weight suffix (methods.py: "-rw10")
+# a variant's reconstruction-only suffixes (methods.py: weight "-rw10", mask keep probability "-keep25")
+RECON_WEIGHT = re.compile(r"(-rw[0-9.]+|-keep[0-9]+)+$")
 PEER_KINDS = ("mean", "knn-handcrafted", "knn", "ridge", "bleep", "regression")
 
 
