@@ -359,7 +359,7 @@ def apply_overrides(cfg: RunConfig, **overrides: Any) -> RunConfig:
 
         configure_encoder(cfg, encoder, weights)
     if "recon_weight" in given:
-        cfg.model["recon_weight"] = float(given.pop("recon_weight"))
+        cfg.model["recon_weight"] = given.pop("recon_weight")  # validate() refuses a non-number by name
     if given.pop("freeze_encoder", False):
         cfg.model["freeze_encoder"] = True
     if given.pop("handcrafted", False):

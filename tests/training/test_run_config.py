@@ -204,6 +204,8 @@ def test_recon_weight_override_reaches_the_model_and_bad_values_are_refused(tmp_
     assert RunConfig.from_dict(yaml.safe_load(cfg.to_yaml())).model_config(n_genes=5).recon_weight == 3.0
     with pytest.raises(ConfigError, match="recon_weight must be positive, got -1"):
         apply_overrides(load_run_config("cpu"), recon_weight=-1)
+    with pytest.raises(ConfigError, match="recon_weight must be a finite number, got 'three'"):
+        apply_overrides(load_run_config("cpu"), recon_weight="three")
     out = tmp_path / "run"
     argv = ["train", "--data", str(tmp_path), "--train-samples", "a", "--out", str(out), "--recon-weight", "0"]
     with pytest.raises(SystemExit) as exc:  # argparse refuses a non-positive value
