@@ -95,6 +95,8 @@ def test_variants_train_at_the_papers_reconstruction_weight_unless_they_name_one
     assert runner.run_config("cmrcnet-cpu60-ctx224-rw10", 0, False, None, tmp_path).model["recon_weight"] == 10.0
     keep = runner.run_config("cmrcnet-cpu60-ctx224-rw3-keep25", 0, False, None, tmp_path).model
     assert (keep["recon_weight"], keep["mask_keep_prob"]) == (3.0, 0.25)
+    rel = runner.run_config("cmrcnet-cpu60-ctx224-relrecon", 0, False, None, tmp_path).model
+    assert (rel["recon_weight"], rel["recon_loss"]) == (1.0, "relative")
 
 
 def test_the_bleep_peer_of_a_reconstruction_weight_variant_is_bleep_with_the_same_recipe() -> None:
@@ -104,6 +106,7 @@ def test_the_bleep_peer_of_a_reconstruction_weight_variant_is_bleep_with_the_sam
     assert report.peer("cmrcnet-cpu60-ctx224-rw3", "bleep", table) == "bleep-cpu60-ctx224"
     assert report.peer("cmrcnet-cpu60-ctx224-rw3-keep25+cstain+smooth", "bleep", table) == \
         "bleep-cpu60-ctx224+cstain+smooth"
+    assert report.peer("cmrcnet-cpu60-ctx224-relrecon", "bleep", table) == "bleep-cpu60-ctx224"
     assert report.peer("cmrcnet-cpu60-ctx224-rw10+smooth", "bleep", table) is None  # other modifiers: no peer
     assert report.peer("cmrcnet-cpu60-ctx224-rw10", "knn", table) is None  # kNN/ridge keep the model's own features
 

@@ -87,6 +87,12 @@ VARIANTS: dict[str, Variant] = {
                                                note="cmrcnet-cpu60-ctx224-rw3 keeping 25 % of the image-token "
                                                "elements in the reconstruction instead of 50 %: a harder "
                                                "reconstruction that must lean more on the expression tokens"),
+    "cmrcnet-cpu60-ctx224-relrecon": Variant("cmrcnet", "none", False, False, 60, fov_um=224.0,
+                                             model=(("recon_loss", "relative"),),
+                                             note="cmrcnet-cpu60-ctx224 scoring the reconstruction by its error on "
+                                             "the batch-centred embeddings relative to their spread (what tells "
+                                             "spots apart) instead of the plain MSE, which the embedding's shared "
+                                             "part dominates; weight 1"),
     "cmrcnet-scratch-cpu12": Variant("cmrcnet", "none", False, False, 12,
                                      note="cpu ViT trained end to end for 12 epochs (NOT the paper's recipe)"),
     "cmrcnet-paper60": Variant("cmrcnet", "none", False, False, 60, preset="paper", only_fold="patient-test-B",

@@ -75,8 +75,9 @@ def _table(table: dict) -> list[str]:
     return lines
 
 
-# a variant's reconstruction-only suffixes (methods.py: weight "-rw10", mask keep probability "-keep25")
-RECON_WEIGHT = re.compile(r"(-rw[0-9.]+|-keep[0-9]+)+$")
+# a variant's reconstruction-only suffixes (methods.py: weight "-rw10", mask keep probability "-keep25",
+# relative reconstruction loss "-relrecon")
+RECON_WEIGHT = re.compile(r"(-rw[0-9.]+|-keep[0-9]+|-relrecon)+$")
 PEER_KINDS = ("mean", "knn-handcrafted", "knn", "ridge", "bleep", "regression")
 
 

@@ -23,6 +23,12 @@ METHODS = (
     "regression",  # image embedding -> MLP -> G genes, MSE against the measured expression (ST-Net style)
 )
 
+# How the reconstruction is scored against the image embedding (method "cmrcnet").
+RECON_LOSSES = (
+    "mse",  # mean squared error (the paper)
+    "relative",  # squared error of the batch-centred vectors over the centred target's squared norm
+)
+
 # How the image tokens are masked before the cross-modal reconstruction.
 MASK_MODES = (
     "element",  # every feature of every token kept independently (the reference code)
@@ -81,6 +87,7 @@ class ModelConfig:
     temperature: float = 1.0  # T of the contrastive loss
     log1p_losses: bool = True  # total = mean(log1p(contrastive)) + log1p(recon); False: plain means
     recon_weight: float = 1.0  # factor on the reconstruction term of the total (1: the paper)
+    recon_loss: str = "mse"  # how the reconstruction is scored, one of RECON_LOSSES ("mse": the paper)
     # --- regression baseline (method "regression") ---
     regression_hidden: int = 256  # hidden units of the MLP from the image embedding to G genes
 
@@ -140,6 +147,8 @@ class ModelConfig:
         _check_int(self, "n_genes", 1)
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
+        if self.recon_loss not in RECON_LOSSES:
+            raise ConfigError(f"unknown recon_loss {self.recon_loss!r}; choose one of {list(RECON_LOSSES)}")
         if self.mask_mode not in MASK_MODES:
             raise ConfigError(f"unknown mask_mode {self.mask_mode!r}; choose one of {list(MASK_MODES)}")
         for name in (*ENCODER_FIELDS, "proj_dim", "n_expr_tokens", "cross_heads", "fusion_heads"):

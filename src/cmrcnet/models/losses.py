@@ -98,3 +98,18 @@ def mse_loss_fp32(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     """Mean squared error over all elements, in float32."""
     with torch.autocast(device_type=prediction.device.type, enabled=False):
         return F.mse_loss(prediction.float(), target.float())
+
+
+def relative_reconstruction_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error of batch-centred (B, D) vectors over the centred target's squared norm, in float32.
+
+    The image embedding ends in a LayerNorm, so most of it is shared by every spot: its spread across spots is
+    small next to its mean. A plain MSE against it is then mostly met by the shared part, and it also falls when
+    spots' embeddings move closer together. Centring both sides on the batch mean leaves only what tells spots
+    apart, and dividing by the target's spread makes the loss blind to that spread's scale (0: exact, 1: no
+    better than the batch mean). A batch of one spot has nothing to tell apart and scores 0.
+    """
+    with torch.autocast(device_type=prediction.device.type, enabled=False):
+        p, t = prediction.float(), target.float()
+        p, t = p - p.mean(dim=0, keepdim=True), t - t.mean(dim=0, keepdim=True)
+        return (p - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)

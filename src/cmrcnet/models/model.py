@@ -11,7 +11,8 @@ are the same in all three, so embeddings and encoders are comparable across meth
 
 Losses (all in float32, also under autocast). With `log1p_losses` (default, the reference's form) the total is
 mean(log1p(per-sample contrastive)) + recon_weight * log1p(reconstruction MSE) (`recon_weight` 1 is the
-reference's; the `cpu` run preset uses 3); the "bleep" method uses the same log1p form so
+reference's; the `cpu` run preset uses 3; `recon_loss="relative"` scores the reconstruction with
+`losses.relative_reconstruction_loss` instead of the MSE); the "bleep" method uses the same log1p form so
 that its contrastive term is directly comparable with "cmrcnet"'s; `log1p_losses=False` gives plain means
 (BLEEP's original loss). The regression MSE is never log-transformed.
 
@@ -33,7 +34,7 @@ from cmrcnet.models.config import ModelConfig
 from cmrcnet.models.encoders import build_image_encoder
 from cmrcnet.models.handcrafted import N_FEATURES, HandcraftedFeatures
 from cmrcnet.models.layers import ProjectionHead
-from cmrcnet.models.losses import contrastive_loss, mse_loss_fp32
+from cmrcnet.models.losses import contrastive_loss, mse_loss_fp32, relative_reconstruction_loss
 from cmrcnet.models.reconstruction import CrossModalReconstructor
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,8 @@ class CMRCNet(nn.Module):
         if cfg.method == "cmrcnet":
             recon = self.reconstruct(tokens, expr)  # (B, proj_dim)
             target = img_emb.detach() if cfg.detach_recon_target else img_emb
-            mse = mse_loss_fp32(recon, target)
+            score = relative_reconstruction_loss if cfg.recon_loss == "relative" else mse_loss_fp32
+            mse = score(recon, target)
             reconstruction = torch.log1p(mse) if cfg.log1p_losses else mse
             losses["reconstruction"] = reconstruction
             losses["loss"] = contrastive + cfg.recon_weight * reconstruction
