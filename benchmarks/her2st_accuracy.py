@@ -22,7 +22,7 @@ Tuning: only k (retrieval and kNN), from a grid of 5-1600, by leave-one-training
 (cmrcnet.inference.kchoice, the rule `cmrcnet train` uses). Aggregation and paired bootstrap CIs:
 benchmarks/accuracy/stats.py.
 
-Writes benchmarks/results/her2st_accuracy.json, _runs.json.gz (the rows and the summary) and .md (or *_quick.*
+Writes benchmarks/results/her2st_accuracy.json, _runs.json.xz (the rows and the summary) and .md (or *_quick.*
 with --quick) after every fold, with the command, commit, machine and wall time.
 """
 

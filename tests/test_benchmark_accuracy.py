@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import lzma
 import sys
 from pathlib import Path
 
@@ -161,7 +162,7 @@ def test_a_merged_result_says_where_each_part_ran(tmp_path: Path) -> None:
     md = (tmp_path / "merged.md").read_text()
     assert "| bleep-y | cuda | 1 | 40 |" in md and "| cmrcnet-x | cpu | 1 | 4000 |" in md
     assert "GPU NVIDIA H200" in md
-    with gzip.open(tmp_path / "merged_runs.json.gz", "rt") as f:  # the sidecar says where its rows were measured
+    with lzma.open(tmp_path / "merged_runs.json.xz", "rt") as f:  # the sidecar says where its rows were measured
         sidecar = json.load(f)
     assert [p["cpu"] for p in sidecar["parts"]] == ["cpu of the cpu part", "cpu of the cuda part"]
     assert sidecar["parts"][0]["cpu_flags"] == {"avx2": True, "amx_tile": False}  # as its machine recorded them
