@@ -22,7 +22,7 @@ def test_her2st_accuracy_quick(shared_data: Path, tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from accuracy.results import read_record  # the rows live in a gzip sidecar
+    from accuracy.results import read_record  # the rows live in a compressed sidecar
 
     record = read_record(Path(f"{stem}.json"))
     assert record["quick"] is True and record["complete"] is True
@@ -53,10 +53,30 @@ def test_her2st_accuracy_quick(shared_data: Path, tmp_path: Path) -> None:
     assert all(math.isfinite(r["pcc_heg50"]) and r["k"] >= 1 for r in bank_k["rows"])
     assert bank_k["commit"] and bank_k["machine"] and bank_k["extra_bank"] == ["D1"]
 
+    # the reconstruction diagnostic reads them too: the spread and the three expressions' scores per section
+    out = tmp_path / "recon.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "recon_diagnostic.py"), "--quick", "--work",
+           str(tmp_path / "work"), "--variants", "cmrcnet-ssl+hc", "--seeds", "0", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    recon = json.loads(out.read_text())
+    assert [(m["variant"], m["models"]) for m in recon["means"]] == [("cmrcnet-ssl+hc", 1)] * len(recon["tests"])
+    assert all(r["embedding_spread"] > 0 and 0 < r["spread_share"] <= 1 for r in recon["rows"])
+    assert all(math.isfinite(r[f"relative_{e}"]) for r in recon["rows"] for e in ("own", "shuffled", "section mean"))
+    assert recon["commit"] and recon["machine"]["cpu_line"]
+
 
 def test_bank_k_without_runs_says_so_and_measures_nothing(tmp_path: Path) -> None:
     out = tmp_path / "bank_k.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bank_k.py"), "--work", str(tmp_path / "none"),
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "nothing measured" in done.stderr and not out.exists()
+
+
+def test_recon_diagnostic_without_runs_says_so_and_measures_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "recon.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "recon_diagnostic.py"), "--work", str(tmp_path / "none"),
            "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "nothing measured" in done.stderr and not out.exists()
