@@ -27,6 +27,13 @@ def git_commit() -> str:
         return os.environ.get("CMRCNET_COMMIT", "unknown")
 
 
+def provenance(script: str, argv: list[str] | None, machine: dict) -> dict:
+    """The fields every result file starts with: the command as run, the commit, the machine, the load at the end."""
+    args = argv if argv is not None else sys.argv[1:]
+    return {"command": " ".join(["python", f"benchmarks/{script}", *args]), "commit": git_commit(),
+            "machine": machine, "load_average_at_end": list(os.getloadavg())}
+
+
 def machine_info() -> dict:
     desc = cpu_description()
     probe = cpu_gemm_probe()

@@ -14,7 +14,6 @@ message when the runs are absent.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from cmrcnet.inference.predict import predict_spots, run_stain_target
 from cmrcnet.run.load import load_trained_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import git_commit, machine_info
+from _machine import machine_info, provenance
 from accuracy import plan, runner
 
 HERE = Path(__file__).resolve().parent
@@ -93,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                               "pcc_markers": float(np.mean([r["pcc_markers"] for r in sel]))})
     result = {
         "benchmark": "retrieval k with and without other patients' expression-only sections in the bank",
-        "command": " ".join(["python", "benchmarks/bank_k.py", *(argv if argv is not None else sys.argv[1:])]),
-        "commit": git_commit(),
-        "machine": machine,
-        "load_average_at_end": list(os.getloadavg()),
+        **provenance("bank_k.py", argv, machine),
         "fold": fold["name"], "train": fold["train"], "tests": fold["tests"], "extra_bank": fold["extra_bank"],
         "variant": args.variant, "seeds": seeds, "quick": args.quick,
         "prediction": f"as `predict` by default: stain-normalised onto the run's stain reference, smooth "

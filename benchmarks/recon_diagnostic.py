@@ -21,7 +21,6 @@ runs are absent.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from cmrcnet.models.preprocess import images_to_float
 from cmrcnet.run.load import load_trained_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import git_commit, machine_info
+from _machine import machine_info, provenance
 from accuracy import plan, runner
 
 HERE = Path(__file__).resolve().parent
@@ -127,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                               **{k: float(np.mean([r[k] for r in sel])) for k in keys}})
     result = {
         "benchmark": "does the cross-modal reconstruction use the expression; the image embedding's spread",
-        "command": " ".join(["python", "benchmarks/recon_diagnostic.py", *(argv if argv is not None else sys.argv[1:])]),
-        "commit": git_commit(),
-        "machine": machine,
-        "load_average_at_end": list(os.getloadavg()),
+        **provenance("recon_diagnostic.py", argv, machine),
         "fold": fold["name"], "train": fold["train"], "tests": fold["tests"], "variants": variants, "seeds": seeds,
         "mask_draws": MASK_DRAWS, "quick": args.quick,
         "wall_seconds": round(time.perf_counter() - t0, 1),

@@ -66,18 +66,10 @@ def test_her2st_accuracy_quick(shared_data: Path, tmp_path: Path) -> None:
     assert recon["commit"] and recon["machine"]["cpu_line"]
 
 
-def test_bank_k_without_runs_says_so_and_measures_nothing(tmp_path: Path) -> None:
-    out = tmp_path / "bank_k.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bank_k.py"), "--work", str(tmp_path / "none"),
-           "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "nothing measured" in done.stderr and not out.exists()
-
-
-def test_recon_diagnostic_without_runs_says_so_and_measures_nothing(tmp_path: Path) -> None:
-    out = tmp_path / "recon.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "recon_diagnostic.py"), "--work", str(tmp_path / "none"),
-           "--out", str(out)]
+@pytest.mark.parametrize("script", ["bank_k.py", "recon_diagnostic.py"])
+def test_scripts_on_the_accuracy_runs_without_runs_say_so_and_measure_nothing(tmp_path: Path, script: str) -> None:
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--work", str(tmp_path / "none"), "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "nothing measured" in done.stderr and not out.exists()
 
