@@ -52,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     fold = next(f for f in plan.folds(["patient"], quick=args.quick) if f["name"] == args.fold)
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = [work / "runs" / fold["name"] / f"{args.variant}-seed{s}" for s in seeds]
-    missing = [str(r) for r in runs if not (r / "run.json").is_file()]
-    if missing or not ds.is_dir():
-        print(f"runs or dataset missing ({missing or ds}); run benchmarks/her2st_accuracy.py --work {args.work} "
-              "first; nothing measured", file=sys.stderr)
+    if runner.runs_absent(runs, ds, args.work):
         return 0
     machine = machine_info()
     t0 = time.perf_counter()

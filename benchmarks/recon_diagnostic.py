@@ -90,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     fold = next(f for f in plan.folds(["patient"], quick=args.quick) if f["name"] == args.fold)
     variants, seeds = args.variants.split(","), [int(s) for s in args.seeds.split(",")]
     runs = {(v, s): work / "runs" / fold["name"] / f"{v}-seed{s}" for v in variants for s in seeds}
-    missing = [str(r) for r in runs.values() if not (r / "run.json").is_file()]
-    if missing or not ds.is_dir():
-        print(f"runs or dataset missing ({missing or ds}); run benchmarks/her2st_accuracy.py --work {args.work} "
-              "first; nothing measured", file=sys.stderr)
+    if runner.runs_absent(runs.values(), ds, args.work):
         return 0
     machine = machine_info()
     t0 = time.perf_counter()

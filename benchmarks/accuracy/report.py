@@ -77,7 +77,7 @@ def _table(table: dict) -> list[str]:
 
 # a variant's reconstruction-only suffixes (methods.py: weight "-rw10", mask keep probability "-keep25",
 # relative reconstruction loss "-relrecon")
-RECON_WEIGHT = re.compile(r"(-rw[0-9.]+|-keep[0-9]+|-relrecon)+$")
+RECON_SUFFIXES = re.compile(r"(-rw[0-9.]+|-keep[0-9]+|-relrecon)+$")
 PEER_KINDS = ("mean", "knn-handcrafted", "knn", "ridge", "bleep", "regression")
 
 
@@ -85,7 +85,7 @@ def peer(method: str, kind: str, table: dict) -> str | None:
     """The baseline of `kind` on the same features with the same modifiers (smoothing, ensemble, bank)."""
     _, feats, mods = split_name(method)
     plain = mods.replace("+bank", "").replace("-ens", "")  # kNN/ridge baselines have no bank and no seeds
-    no_recon = RECON_WEIGHT.sub("", feats)  # BLEEP has no reconstruction term: one peer for every weight
+    no_recon = RECON_SUFFIXES.sub("", feats)  # BLEEP has no reconstruction term: one peer whatever the reconstruction
     candidates = {"mean": ["mean"], "knn-handcrafted": [f"knn-handcrafted{plain}"],
                   "knn": [f"knn-{feats}{plain}"], "ridge": [f"ridge-{feats}{plain}"],
                   "bleep": [f"bleep-{feats}{mods}", f"bleep-{no_recon}{mods}"],

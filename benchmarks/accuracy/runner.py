@@ -6,6 +6,8 @@ import json
 import math
 import shutil
 import subprocess
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import anndata as ad
@@ -42,6 +44,17 @@ def prepare(her2st: Path, ds: Path, samples: list[str], work: Path, fov_um: floa
                    "--out", str(ds)])
         if rc != 0:
             raise SystemExit(f"prepare {sid} failed")
+
+
+def runs_absent(runs: Iterable[Path], ds: Path, work: Path) -> bool:
+    """For scripts that read this benchmark's trained runs: True, after saying so on stderr, when a run (its
+    run.json) or the prepared dataset `ds` is missing; `work` is the --work the benchmark should be run with."""
+    missing = [str(r) for r in runs if not (r / "run.json").is_file()]
+    if missing or not ds.is_dir():
+        print(f"runs or dataset missing ({missing or ds}); run benchmarks/her2st_accuracy.py --work {work} "
+              "first; nothing measured", file=sys.stderr)
+        return True
+    return False
 
 
 def variant_ds(ds: Path, variant: str) -> Path:

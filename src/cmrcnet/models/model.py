@@ -204,8 +204,8 @@ class CMRCNet(nn.Module):
             recon = self.reconstruct(tokens, expr)  # (B, proj_dim)
             target = img_emb.detach() if cfg.detach_recon_target else img_emb
             score = relative_reconstruction_loss if cfg.recon_loss == "relative" else mse_loss_fp32
-            mse = score(recon, target)
-            reconstruction = torch.log1p(mse) if cfg.log1p_losses else mse
+            error = score(recon, target)
+            reconstruction = torch.log1p(error) if cfg.log1p_losses else error
             losses["reconstruction"] = reconstruction
             losses["loss"] = contrastive + cfg.recon_weight * reconstruction
         return losses
