@@ -108,6 +108,10 @@ def test_the_bleep_peer_of_a_reconstruction_weight_variant_is_bleep_with_the_sam
     assert report.peer("cmrcnet-cpu60-ctx224-rw3-keep25+cstain+smooth", "bleep", table) == \
         "bleep-cpu60-ctx224+cstain+smooth"
     assert report.peer("cmrcnet-cpu60-ctx224-relrecon", "bleep", table) == "bleep-cpu60-ctx224"
+    # the checkpoint choice is kept: the default predicting with its last weights against BLEEP's last weights
+    last = {m: {} for m in ("bleep-cpu60-ctx224-last+cstain+smooth", "bleep-cpu60-ctx224+cstain+smooth")}
+    assert report.peer("cmrcnet-cpu60-ctx224-rw3-last+cstain+smooth", "bleep", last) == \
+        "bleep-cpu60-ctx224-last+cstain+smooth"
     assert report.peer("cmrcnet-cpu60-ctx224-rw10+smooth", "bleep", table) is None  # other modifiers: no peer
     assert report.peer("cmrcnet-cpu60-ctx224-rw10", "knn", table) is None  # kNN/ridge keep the model's own features
 
@@ -281,3 +285,42 @@ def test_a_variant_with_its_own_field_of_view_reads_its_own_prepared_patches(tmp
     for name in ("cmrcnet-cpu60", "bleep-cpu60"):
         a, b = methods.VARIANTS[name].__dict__, methods.VARIANTS[f"{name}-ctx224"].__dict__
         assert {k for k in a if a[k] != b[k]} == {"fov_um", "note"}
+
+
+def test_a_variant_that_only_selects_other_weights_reuses_the_trained_run(tmp_path: Path, monkeypatch) -> None:
+    """`-last` variants copy the complete run of their source (same fold and seed) instead of training the same
+    model again; the copy's config selects the other checkpoint and its bank and k are built from those weights.
+    A source whose training differs is refused."""
+    from dataclasses import replace
+
+    from cmrcnet.data.prepare import prepare_sample
+    from cmrcnet.data.synthetic import SyntheticConfig, make_synthetic_samples
+    from cmrcnet.inference.bank import load_bank
+    from cmrcnet.run.load import load_trained_model
+
+    from accuracy import runner
+
+    ds = tmp_path / "ds"
+    for s in make_synthetic_samples(SyntheticConfig(n_slides=2, n_patients=1, n_rows=6, n_cols=6, n_genes=30)):
+        prepare_sample(s, ds, patch_px=32, progress=False)
+    base = methods.VARIANTS["cmrcnet-cpu60-ctx224-rw3"]
+    variants = {"cmrcnet-x": replace(base, fov_um=None),
+                "cmrcnet-x-last": replace(base, fov_um=None, train=(("select", "last"),), reuse="cmrcnet-x"),
+                "bleep-x-last": replace(base, method="bleep", fov_um=None, train=(("select", "last"),),
+                                        reuse="cmrcnet-x")}
+    monkeypatch.setattr(methods, "VARIANTS", {**methods.VARIANTS, **variants})
+    fold, runs, cache = {"train": ["synS1", "synS2"]}, tmp_path / "runs", tmp_path / "cache"
+    runner.trained_run(runs / "cmrcnet-x-seed0", "cmrcnet-x", 0, fold, ds, None, True, cache)
+    # from here on nothing may train
+    monkeypatch.setattr(runner, "train_run", lambda **kw: pytest.fail(f"trained again: {kw['run_dir']}"))
+    source, copy = runs / "cmrcnet-x-seed0", runs / "cmrcnet-x-last-seed0"
+    runner.trained_run(copy, "cmrcnet-x-last", 0, fold, ds, None, True, cache)
+    assert (copy / "last.pt").read_bytes() == (source / "last.pt").read_bytes()
+    assert "select: last" in (copy / "config.yaml").read_text() and runner.complete(copy)
+    assert json.loads((copy / "run.json").read_text())["reused_from"] == str(source)
+    trained = load_trained_model(copy)
+    assert trained.checkpoint == "last.pt"
+    assert len(load_bank(copy, trained)) == len(load_bank(source, load_trained_model(source)))
+    assert (copy / "retrieval_k.json").is_file() and not (copy.parent / (copy.name + ".tmp")).exists()
+    with pytest.raises(SystemExit, match=r"differs in .*method"):
+        runner.trained_run(runs / "bleep-x-last-seed0", "bleep-x-last", 0, fold, ds, None, True, cache)

@@ -34,9 +34,17 @@ class Variant:
     only_fold: str | None = None  # run only in this fold (the paper recipe: C -> B4)
     only_seed: int | None = None
     note: str = ""
-    train: tuple[tuple[str, float], ...] = ()  # TrainConfig fields set on top of the preset
-    model: tuple[tuple[str, float], ...] = ()  # ModelConfig fields set on top of the preset
+    train: tuple[tuple[str, float | str], ...] = ()  # TrainConfig fields set on top of the preset
+    model: tuple[tuple[str, float | str], ...] = ()  # ModelConfig fields set on top of the preset
     fov_um: float | None = None  # patch field of view (prepare --fov-um); None: the default, 112 um
+    # a variant that differs from another only in which saved weights predict (`PREDICTION_FIELDS`): the other's
+    # complete run of the same fold and seed is copied and its bank and k built again from the selected weights
+    # (runner.reused_run), instead of training the same model again; trained as usual when that run is absent
+    reuse: str | None = None
+
+
+# TrainConfig fields that change only which saved weights predict, not the training
+PREDICTION_FIELDS = ("select",)
 
 
 SCANNER_AUG = (("stain_jitter", 0.3), ("scale_jitter", 8.0))  # other stains; slides down to ~4 um/px
@@ -93,6 +101,15 @@ VARIANTS: dict[str, Variant] = {
                                              "the batch-centred embeddings relative to their spread (what tells "
                                              "spots apart) instead of the plain MSE, which the embedding's shared "
                                              "part dominates; weight 1"),
+    "cmrcnet-cpu60-ctx224-rw3-last": Variant("cmrcnet", "none", False, False, 60, fov_um=224.0,
+                                             model=(("recon_weight", 3.0),), train=(("select", "last"),),
+                                             reuse="cmrcnet-cpu60-ctx224-rw3",
+                                             note="cmrcnet-cpu60-ctx224-rw3 predicting with the last epoch's weights "
+                                             "instead of those of the lowest validation loss (the same training)"),
+    "bleep-cpu60-ctx224-last": Variant("bleep", "none", False, False, 60, fov_um=224.0,
+                                       train=(("select", "last"),), reuse="bleep-cpu60-ctx224",
+                                       note="bleep-cpu60-ctx224 predicting with the last epoch's weights (the same "
+                                       "training)"),
     "cmrcnet-scratch-cpu12": Variant("cmrcnet", "none", False, False, 12,
                                      note="cpu ViT trained end to end for 12 epochs (NOT the paper's recipe)"),
     "cmrcnet-paper60": Variant("cmrcnet", "none", False, False, 60, preset="paper", only_fold="patient-test-B",

@@ -173,13 +173,64 @@ def trained_run(rdir: Path, variant: str, seed: int, fold: dict, ds: Path, enc: 
                 cache: Path, device: str = "cpu") -> float:
     """Train (unless a complete run is there) on `device`; returns the training seconds (sum of the epochs'
     times)."""
-    info = rdir / "run.json"
-    if not info.exists() or json.loads(info.read_text()).get("status") != "complete":
+    if not complete(rdir):
         shutil.rmtree(rdir, ignore_errors=True)
-        train_run(data_dir=ds, train_samples=fold["train"], run_dir=rdir,
-                  config=run_config(variant, seed, quick, enc, cache), progress=False, device=device,
-                  command=f"her2st_accuracy {variant} seed {seed}")
+        config = run_config(variant, seed, quick, enc, cache)
+        source = M.VARIANTS[variant].reuse
+        if source is not None and complete(rdir.parent / f"{source}-seed{seed}"):
+            reused_run(rdir.parent / f"{source}-seed{seed}", rdir, config, ds, fold["train"])
+        else:
+            train_run(data_dir=ds, train_samples=fold["train"], run_dir=rdir, config=config, progress=False,
+                      device=device, command=f"her2st_accuracy {variant} seed {seed}")
     return sum(float(line.split(",")[2]) for line in (rdir / "metrics.csv").read_text().splitlines()[1:])
+
+
+def complete(rdir: Path) -> bool:
+    info = rdir / "run.json"
+    return info.is_file() and json.loads(info.read_text()).get("status") == "complete"
+
+
+# what a reused run leaves behind: the source's bank, k, confidence reference and the benchmark's own outputs are
+# made again from the newly selected weights
+NOT_REUSED = ("bank.pt", "retrieval_k.json", "confidence_reference.json", "eval_*", "pred_*.h5ad")
+
+
+def flat(config) -> dict:
+    """{"train.select": "best", "model.recon_weight": 3.0, ...}: a RunConfig as one level of fields, its model
+    overrides resolved against the preset (an override equal to the preset's value is no difference)."""
+    from dataclasses import asdict
+
+    data = config.to_dict()
+    model = asdict(config.model_config(n_genes=1))
+    return {**{f"{name}.{key}": value for name, part in data.items() if isinstance(part, dict) and name != "model"
+               for key, value in part.items()},
+            **{name: part for name, part in data.items() if not isinstance(part, dict)},
+            **{f"model.{key}": value for key, value in model.items()}}
+
+
+def reused_run(source: Path, rdir: Path, config, ds: Path, train_samples: list[str]) -> None:
+    """`rdir` as the run `config` would train: the complete run `source`, whose config differs from `config` only
+    in `M.PREDICTION_FIELDS` (which saved weights predict), copied with `config` saved, its bank built again
+    from the weights `config` selects and the retrieval k and confidence reference chosen again with it
+    (`cmrcnet.workflows.bank.update_bank`, as `cmrcnet bank` does). Written to a temporary folder, then renamed."""
+    from cmrcnet.run.load import load_trained_model
+    from cmrcnet.workflows.bank import update_bank
+
+    saved, wanted = flat(load_run_config(source / "config.yaml", saved_run=True)), flat(config)
+    other = sorted(key for key in saved | wanted if saved.get(key) != wanted.get(key)
+                   and key not in {f"train.{name}" for name in M.PREDICTION_FIELDS})
+    if other:
+        raise SystemExit(f"{rdir.name}: cannot reuse {source}: its config differs in {other}, not only in "
+                         f"{list(M.PREDICTION_FIELDS)}")
+    tmp = rdir.with_name(rdir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(*NOT_REUSED))
+    (tmp / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    info = json.loads((tmp / "run.json").read_text())
+    write_json(tmp / "run.json", {**info, "status": "incomplete", "reused_from": str(source)})
+    update_bank(load_trained_model(tmp), ds, train_samples, action="build", progress=False)
+    write_json(tmp / "run.json", {**info, "reused_from": str(source)})
+    tmp.rename(rdir)
 
 
 # ---------------------------------------------------------------------- evaluation rows
