@@ -112,6 +112,8 @@ def test_the_bleep_peer_of_a_reconstruction_weight_variant_is_bleep_with_the_sam
     last = {m: {} for m in ("bleep-cpu60-ctx224-last+cstain+smooth", "bleep-cpu60-ctx224+cstain+smooth")}
     assert report.peer("cmrcnet-cpu60-ctx224-rw3-last+cstain+smooth", "bleep", last) == \
         "bleep-cpu60-ctx224-last+cstain+smooth"
+    assert report.peer("cmrcnet-cpu60-ctx224-rw3-ema", "bleep", {"bleep-cpu60-ctx224-ema": {}}) == \
+        "bleep-cpu60-ctx224-ema"
     assert report.peer("cmrcnet-cpu60-ctx224-rw10+smooth", "bleep", table) is None  # other modifiers: no peer
     assert report.peer("cmrcnet-cpu60-ctx224-rw10", "knn", table) is None  # kNN/ridge keep the model's own features
 

@@ -44,7 +44,7 @@ class Variant:
 
 
 # TrainConfig fields that change only which saved weights predict, not the training
-PREDICTION_FIELDS = ("select",)
+PREDICTION_FIELDS = ("select", "use_ema")
 
 
 SCANNER_AUG = (("stain_jitter", 0.3), ("scale_jitter", 8.0))  # other stains; slides down to ~4 um/px
@@ -110,6 +110,15 @@ VARIANTS: dict[str, Variant] = {
                                        train=(("select", "last"),), reuse="bleep-cpu60-ctx224",
                                        note="bleep-cpu60-ctx224 predicting with the last epoch's weights (the same "
                                        "training)"),
+    "cmrcnet-cpu60-ctx224-rw3-ema": Variant("cmrcnet", "none", False, False, 60, fov_um=224.0,
+                                            model=(("recon_weight", 3.0),), train=(("use_ema", True),),
+                                            reuse="cmrcnet-cpu60-ctx224-rw3",
+                                            note="cmrcnet-cpu60-ctx224-rw3 predicting with the exponential moving "
+                                            "average of the weights (decay 0.99 per step) at the epoch of the "
+                                            "lowest validation loss (the same training)"),
+    "bleep-cpu60-ctx224-ema": Variant("bleep", "none", False, False, 60, fov_um=224.0,
+                                      train=(("use_ema", True),), reuse="bleep-cpu60-ctx224",
+                                      note="bleep-cpu60-ctx224 predicting with the EMA weights (the same training)"),
     "cmrcnet-scratch-cpu12": Variant("cmrcnet", "none", False, False, 12,
                                      note="cpu ViT trained end to end for 12 epochs (NOT the paper's recipe)"),
     "cmrcnet-paper60": Variant("cmrcnet", "none", False, False, 60, preset="paper", only_fold="patient-test-B",

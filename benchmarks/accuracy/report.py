@@ -76,8 +76,8 @@ def _table(table: dict) -> list[str]:
 
 
 # a variant's reconstruction-only suffixes (methods.py: weight "-rw10", mask keep probability "-keep25",
-# relative reconstruction loss "-relrecon"), last in its name or before the checkpoint choice "-last"
-RECON_SUFFIXES = re.compile(r"(-rw[0-9.]+|-keep[0-9]+|-relrecon)+(?=(-last)?$)")
+# relative reconstruction loss "-relrecon"), last in its name or before the choice of weights "-last" or "-ema"
+RECON_SUFFIXES = re.compile(r"(-rw[0-9.]+|-keep[0-9]+|-relrecon)+(?=(-last|-ema)?$)")
 PEER_KINDS = ("mean", "knn-handcrafted", "knn", "ridge", "bleep", "regression")
 
 

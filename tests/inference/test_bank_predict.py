@@ -125,6 +125,30 @@ def test_bank_from_other_weights_is_refused(trained: tuple[Path, Path]) -> None:
         load_bank(run, tm)
 
 
+def test_the_runs_config_yaml_chooses_the_weights_that_predict(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """`train.select` and `train.use_ema` in the run's config.yaml, edited after training, choose the checkpoint and
+    the weights (as when set before training); an explicit argument still wins; a non-boolean is refused."""
+    import shutil
+
+    import yaml
+
+    from cmrcnet.errors import InputFileError
+
+    _, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["train"].update(select="last", use_ema=True)
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    tm = load_trained_model(copy)
+    assert (tm.checkpoint, tm.weights) == ("last.pt", "ema")
+    assert load_trained_model(copy, use_ema=False).weights == "model"
+    cfg["train"]["use_ema"] = "yes"
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(InputFileError, match="use_ema must be true or false"):
+        load_trained_model(copy)
+
+
 def test_predicting_an_expression_only_sample_is_an_error(trained: tuple[Path, Path], tmp_path: Path) -> None:
     ds, run = trained
     with pytest.raises(ConfigError, match="no image"):

@@ -50,7 +50,8 @@ def load_trained_model(
     use_ema: bool | None = None,
     device: torch.device | str = "cpu",
 ) -> TrainedModel:
-    """Load the run's selected checkpoint (config `select`: best/last) in eval mode on `device`.
+    """Load the run's selected checkpoint in eval mode on `device`: by default the one its config.yaml's
+    `train.select` names (best/last), with the EMA weights when its `train.use_ema` is true.
 
     A checkpoint that stores its frozen encoder by reference (`encoder_ref`) gets it from the recorded weights file,
     loaded as at the start of training; a missing file or another SHA-256 raises InputFileError.
@@ -63,6 +64,10 @@ def load_trained_model(
         )
     data = load_checkpoint_for_run(run_dir, checkpoint)
     ckpt_path = run_dir / data["_file"]
+    if use_ema is None:  # the run's config.yaml decides, as for the checkpoint (edited after training or not)
+        use_ema = saved_train_choice(run_dir).get("use_ema")
+        if use_ema is not None and not isinstance(use_ema, bool):
+            raise InputFileError(f"train.use_ema must be true or false, got {use_ema!r}", path=ckpt_path_cfg)
     try:
         mcfg = ModelConfig.from_dict(dict(data["model_config"]))
         rcfg = saved_run_config(dict(data["run_config"]), source=str(ckpt_path))
@@ -132,18 +137,23 @@ def _check_same_model(mcfg: ModelConfig, model_json: Path, ckpt_path: Path) -> N
         )
 
 
+def saved_train_choice(run_dir: Path) -> dict:
+    """The `train` section of the run's config.yaml: it decides which saved weights predict (`select`, `use_ema`),
+    so editing it after training changes them, as the same fields given before training would have."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InputFileError("cannot read the run's config", path=run_dir / CONFIG_FILE) from exc
+    train = saved.get("train") if isinstance(saved, dict) else None
+    return train if isinstance(train, dict) else {}
+
+
 def load_checkpoint_for_run(run_dir: Path, checkpoint: str | None) -> dict:
     """The checkpoint named, else the one the run's config selects (best, falling back to last)."""
     if checkpoint is None:
-        import yaml
-
-        try:
-            saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise InputFileError("cannot read the run's config", path=run_dir / CONFIG_FILE) from exc
-        train = saved.get("train") if isinstance(saved, dict) else None
-        select = train.get("select") if isinstance(train, dict) else None
-        checkpoint = LAST_CKPT if select == "last" else BEST_CKPT
+        checkpoint = LAST_CKPT if saved_train_choice(run_dir).get("select") == "last" else BEST_CKPT
         if not (run_dir / checkpoint).exists() and (run_dir / LAST_CKPT).exists():
             checkpoint = LAST_CKPT
     data = load_checkpoint(run_dir / checkpoint)
