@@ -149,6 +149,18 @@ def test_the_runs_config_yaml_chooses_the_weights_that_predict(trained: tuple[Pa
         load_trained_model(copy)
 
 
+def test_ema_weights_close_to_the_initial_ones_are_flagged(trained: tuple[Path, Path], caplog) -> None:
+    """The fixture's run trained one epoch (a few steps): its EMA (decay 0.99) still holds most of the initial
+    weights, which predict nearly constant expression; loading them says so, loading the raw weights does not."""
+    _, run = trained
+    with caplog.at_level("WARNING", logger="cmrcnet.run.load"):
+        load_trained_model(run, use_ema=False)
+        assert not [r for r in caplog.records if "EMA" in r.getMessage()]
+        load_trained_model(run, use_ema=True)
+    (msg,) = [r.getMessage() for r in caplog.records if "EMA" in r.getMessage()]
+    assert "initial weights" in msg and "train.use_ema: false" in msg
+
+
 def test_predicting_an_expression_only_sample_is_an_error(trained: tuple[Path, Path], tmp_path: Path) -> None:
     ds, run = trained
     with pytest.raises(ConfigError, match="no image"):

@@ -78,6 +78,8 @@ def load_trained_model(
         raise CheckpointError(f"checkpoint lacks {exc}", path=ckpt_path) from exc
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint holds an invalid config ({exc})", path=ckpt_path) from exc
+    if ema:
+        warn_if_young_ema(ckpt_path, data.get("step"), rcfg.train.ema_decay)
     _check_same_model(mcfg, run_dir / MODEL_FILE, ckpt_path)
     model = build_model(mcfg)
     ref = data.get("encoder_ref")
@@ -114,6 +116,29 @@ def load_trained_model(
         epoch + 1,
         info,
     )
+
+
+# the share of the initial weights an EMA may still hold before its weights are called close to an untrained model
+YOUNG_EMA_SHARE = 0.05
+
+
+def warn_if_young_ema(ckpt_path: Path, step: int | None, decay: float) -> None:
+    """A log warning when the EMA weights of a checkpoint saved after `step` optimiser steps still hold more than
+    `YOUNG_EMA_SHARE` of the initial weights (decay ** step): few steps (a small training set, an early best
+    epoch) leave them close to the untrained model, which predicts nearly constant expression."""
+    if step is None:
+        return
+    share = decay ** int(step)
+    if share > YOUNG_EMA_SHARE:
+        logger.warning(
+            "%s: its EMA weights still hold %.0f %% of the initial weights (%d optimiser steps at decay %g), so "
+            "they are close to an untrained model; predict with the raw weights (train.use_ema: false, no --ema) "
+            "or train with a lower train.ema_decay",
+            ckpt_path,
+            100 * share,
+            int(step),
+            decay,
+        )
 
 
 def _check_same_model(mcfg: ModelConfig, model_json: Path, ckpt_path: Path) -> None:
