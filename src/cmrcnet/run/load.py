@@ -132,7 +132,7 @@ def warn_if_young_ema(ckpt_path: Path, step: int | None, decay: float) -> None:
     if share > YOUNG_EMA_SHARE:
         logger.warning(
             "%s: its EMA weights still hold %.0f %% of the initial weights (%d optimiser steps at decay %g), so "
-            "they are close to an untrained model; predict with the raw weights (train.use_ema: false, no --ema) "
+            "they are close to an untrained model; predict with the raw weights (train.use_ema: false) "
             "or train with a lower train.ema_decay",
             ckpt_path,
             100 * share,
