@@ -226,11 +226,9 @@ def reused_run(source: Path, rdir: Path, config, ds: Path, train_samples: list[s
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(*NOT_REUSED))
     (tmp / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
-    info = json.loads((tmp / "run.json").read_text())
-    write_json(tmp / "run.json", {**info, "status": "incomplete", "reused_from": str(source)})
+    write_json(tmp / "run.json", {**json.loads((tmp / "run.json").read_text()), "reused_from": str(source)})
     update_bank(load_trained_model(tmp), ds, train_samples, action="build", progress=False)
-    write_json(tmp / "run.json", {**info, "reused_from": str(source)})
-    tmp.rename(rdir)
+    tmp.rename(rdir)  # complete only once renamed: an interrupted copy stays under the temporary name
 
 
 # ---------------------------------------------------------------------- evaluation rows

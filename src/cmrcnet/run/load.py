@@ -62,10 +62,12 @@ def load_trained_model(
         raise InputFileError(
             "not a cmrcnet run folder (no config.yaml); train one with `cmrcnet train`", path=run_dir
         )
-    data = load_checkpoint_for_run(run_dir, checkpoint)
+    # the run's config.yaml decides what the arguments leave open (edited after training or not)
+    choice = saved_train_choice(run_dir) if checkpoint is None or use_ema is None else {}
+    data = load_checkpoint_for_run(run_dir, checkpoint, select=choice.get("select"))
     ckpt_path = run_dir / data["_file"]
-    if use_ema is None:  # the run's config.yaml decides, as for the checkpoint (edited after training or not)
-        use_ema = saved_train_choice(run_dir).get("use_ema")
+    if use_ema is None:
+        use_ema = choice.get("use_ema")
         if use_ema is not None and not isinstance(use_ema, bool):
             raise InputFileError(f"train.use_ema must be true or false, got {use_ema!r}", path=ckpt_path_cfg)
     try:
@@ -175,10 +177,11 @@ def saved_train_choice(run_dir: Path) -> dict:
     return train if isinstance(train, dict) else {}
 
 
-def load_checkpoint_for_run(run_dir: Path, checkpoint: str | None) -> dict:
-    """The checkpoint named, else the one the run's config selects (best, falling back to last)."""
+def load_checkpoint_for_run(run_dir: Path, checkpoint: str | None, *, select: str | None = None) -> dict:
+    """The checkpoint named, else the one `select` (the run config's `train.select`) names: best, falling back
+    to last."""
     if checkpoint is None:
-        checkpoint = LAST_CKPT if saved_train_choice(run_dir).get("select") == "last" else BEST_CKPT
+        checkpoint = LAST_CKPT if select == "last" else BEST_CKPT
         if not (run_dir / checkpoint).exists() and (run_dir / LAST_CKPT).exists():
             checkpoint = LAST_CKPT
     data = load_checkpoint(run_dir / checkpoint)
